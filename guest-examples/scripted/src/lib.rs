@@ -1,0 +1,92 @@
+//! `scripted`: a test helper on `test.scripted` whose behaviour is steered by
+//! message headers (names matched case-insensitively):
+//!
+//! - it always prints `processing <id> attempt <attempt>` to stdout;
+//! - `x-sleep-ms: N` sleeps N milliseconds first;
+//! - `x-send: TOPIC` sends a JSON echo of the message (`id`, `body`, `attempt`,
+//!   `redelivered`, `priority`) to TOPIC; without that header, the `forward_to`
+//!   config value, when set, names the topic instead. A failed send requeues;
+//! - `x-answer: ack|reject|requeue` picks the returned status (default `ack`).
+
+wit_bindgen::generate!({ path: "../../wit", world: "processor" });
+
+use std::time::Duration;
+
+use exports::wasmq::plugin::handler::{Guest, Message, Status};
+use serde_json::json;
+use wasmq::plugin::types::{Priority, SendOptions};
+use wasmq::plugin::{config, producer};
+
+struct Scripted;
+
+fn header<'a>(message: &'a Message, name: &str) -> Option<&'a str> {
+    message
+        .headers
+        .iter()
+        .find(|(key, _)| key.eq_ignore_ascii_case(name))
+        .map(|(_, value)| value.trim())
+}
+
+fn priority_name(priority: Priority) -> &'static str {
+    match priority {
+        Priority::VeryLow => "very-low",
+        Priority::Low => "low",
+        Priority::Normal => "normal",
+        Priority::High => "high",
+        Priority::VeryHigh => "very-high",
+    }
+}
+
+impl Guest for Scripted {
+    fn subscribed_topics() -> Vec<String> {
+        vec!["test.scripted".to_string()]
+    }
+
+    fn process(message: Message) -> Status {
+        println!("processing {} attempt {}", message.id, message.attempt);
+
+        if let Some(ms) = header(&message, "x-sleep-ms") {
+            match ms.parse::<u64>() {
+                Ok(ms) => std::thread::sleep(Duration::from_millis(ms)),
+                Err(err) => eprintln!("scripted: ignoring x-sleep-ms {ms:?}: {err}"),
+            }
+        }
+
+        let target = match header(&message, "x-send") {
+            Some(topic) => Some(topic.to_string()),
+            None => config::get("forward_to"),
+        };
+        if let Some(topic) = target {
+            let echo = json!({
+                "id": message.id,
+                "body": String::from_utf8_lossy(&message.body),
+                "attempt": message.attempt,
+                "redelivered": message.redelivered,
+                "priority": priority_name(message.priority),
+            });
+            let body = serde_json::to_vec(&echo).expect("serialising to a Vec cannot fail");
+            let options = SendOptions {
+                priority: None,
+                delay_ms: None,
+                headers: Vec::new(),
+            };
+            if let Err(err) = producer::send(&topic, &body, &options) {
+                eprintln!("scripted: send to {topic} failed: {err:?}");
+                return Status::Requeue;
+            }
+        }
+
+        match header(&message, "x-answer") {
+            None => Status::Ack,
+            Some(answer) if answer.eq_ignore_ascii_case("ack") => Status::Ack,
+            Some(answer) if answer.eq_ignore_ascii_case("reject") => Status::Reject,
+            Some(answer) if answer.eq_ignore_ascii_case("requeue") => Status::Requeue,
+            Some(answer) => {
+                eprintln!("scripted: unknown x-answer {answer:?}, acknowledging");
+                Status::Ack
+            }
+        }
+    }
+}
+
+export!(Scripted);
