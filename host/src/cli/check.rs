@@ -1,0 +1,53 @@
+//! `wasmq check`: every problem with the config and the plugins, at once.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::cli::open_transport;
+use crate::config::Config;
+use crate::runtime::Runtime;
+
+pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
+    let config = match Config::load(config_path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let runtime = Runtime::new(config.max_memory_limit(), &config.cache_dir())?;
+    let mut problems = Vec::new();
+    let mut topics = 0;
+    for p in &config.processors {
+        match runtime.load(p, &config.plugin_path(p)).await {
+            Ok(loaded) => match loaded.probe().await {
+                Ok(()) => {
+                    topics += loaded.topics.len();
+                    println!(
+                        "ok: processor {:?} ({}) handles {}",
+                        p.name,
+                        loaded.path.display(),
+                        loaded.topics.join(", ")
+                    );
+                }
+                Err(e) => problems.push(e.to_string()),
+            },
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    if let Err(e) = open_transport(&config).await {
+        problems.push(format!("{e:#}"));
+    }
+    if problems.is_empty() {
+        println!(
+            "ok: {} processor(s), {topics} topic subscription(s)",
+            config.processors.len()
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for problem in &problems {
+            eprintln!("error: {problem}");
+        }
+        Ok(ExitCode::FAILURE)
+    }
+}

@@ -1,0 +1,125 @@
+//! `wasmq consume`.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::App;
+use crate::config::parse_duration;
+use crate::consumer::{self, ConsumeOptions};
+
+#[derive(Debug, Args)]
+pub struct ConsumeArgs {
+    /// Consume only this queue; repeat for more. Default: every queue in the config.
+    #[arg(long = "queue")]
+    pub queues: Vec<String>,
+    /// Stop after this many messages.
+    #[arg(long)]
+    pub message_limit: Option<u64>,
+    /// Stop after this long: 60s, 5m, or now+60s.
+    #[arg(long, value_parser = parse_time_limit)]
+    pub time_limit: Option<Duration>,
+    /// Stop once the process uses more than this many megabytes of memory.
+    #[arg(long, value_name = "MB")]
+    pub memory_limit: Option<u64>,
+    /// Messages processed at once.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub concurrency: u32,
+}
+
+/// Accepts `60s` and Oro/Symfony's relative form `now+60s`.
+fn parse_time_limit(text: &str) -> Result<Duration, String> {
+    let relative = text
+        .trim()
+        .strip_prefix("now")
+        .map_or(text, |rest| rest.trim_start().trim_start_matches('+'));
+    parse_duration(relative).map_err(|e| format!("{e}; `now+60s` is accepted too"))
+}
+
+pub async fn run(config: &Path, args: ConsumeArgs) -> anyhow::Result<ExitCode> {
+    let app = App::load(config).await?;
+    let known: Vec<String> = {
+        let mut queues: Vec<String> = app
+            .config
+            .processors
+            .iter()
+            .map(|p| p.queue.clone())
+            .collect();
+        queues.sort();
+        queues.dedup();
+        queues
+    };
+    if known.is_empty() {
+        bail!(
+            "no processors are configured in {:?}: add a [[processor]] table",
+            app.config.path
+        );
+    }
+    let queues = if args.queues.is_empty() {
+        known.clone()
+    } else {
+        args.queues.clone()
+    };
+    if let Some(unknown) = queues.iter().find(|q| !known.contains(q)) {
+        bail!(
+            "--queue {unknown:?} is not the queue of any processor; configured queues: {}",
+            known.join(", ")
+        );
+    }
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    let options = ConsumeOptions {
+        queues,
+        message_limit: args.message_limit,
+        time_limit: args.time_limit,
+        memory_limit: args.memory_limit.map(|mb| mb.saturating_mul(1024 * 1024)),
+        concurrency: args.concurrency as usize,
+        heartbeat_timeout: app.config.consumer.heartbeat_timeout,
+    };
+    consumer::run(
+        app.transport.as_ref(),
+        app.registry.clone(),
+        options,
+        shutdown,
+    )
+    .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The first SIGTERM or SIGINT stops claiming and lets in-flight messages settle; a
+/// second one exits at once (unsettled messages are redelivered later).
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the consumer with a limit instead");
+        return;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::info!("stop requested: finishing in-flight messages (signal again to exit at once)");
+    shutdown.cancel();
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::warn!("second stop signal: exiting now; unsettled messages will be redelivered");
+    std::process::exit(130);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_limits_accept_both_forms() {
+        assert_eq!(parse_time_limit("60s").unwrap(), Duration::from_secs(60));
+        assert_eq!(
+            parse_time_limit("now+60s").unwrap(),
+            Duration::from_secs(60)
+        );
+        assert!(parse_time_limit("soon").unwrap_err().contains("now+60s"));
+    }
+}

@@ -1,0 +1,101 @@
+//! The command line: argument parsing and one file per command.
+
+mod check;
+mod consume;
+mod dead_letter;
+mod send;
+mod topics;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::runtime::Runtime;
+use crate::runtime::registry::Registry;
+use crate::transport::{self, Dsn, Transport};
+
+/// A message-queue consumer whose processors are sandboxed WebAssembly components.
+#[derive(Debug, Parser)]
+#[command(name = "wasmq", version, about, propagate_version = true)]
+pub struct Cli {
+    /// The config file.
+    #[arg(long, global = true, env = "WASMQ_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// More log output: -v one line per message, -vv debug, -vvv trace. RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Log format: human-readable text or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Send a message to a topic: one delivery per subscribed processor; prints their ids.
+    Send(send::SendArgs),
+    /// Consume messages and run them through their processors.
+    Consume(consume::ConsumeArgs),
+    /// List topic → processor, queue, plugin file and plugin hash.
+    Topics,
+    /// Validate the config and instantiate every plugin; exit 1 with the reasons.
+    Check,
+    /// Inspect, replay or purge dead-lettered messages.
+    #[command(subcommand, name = "dead-letter")]
+    DeadLetter(dead_letter::DeadLetterCommand),
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Send(args) => send::run(&cli.config, args).await,
+        Command::Consume(args) => consume::run(&cli.config, args).await,
+        Command::Topics => topics::run(&cli.config).await,
+        Command::Check => check::run(&cli.config).await,
+        Command::DeadLetter(command) => dead_letter::run(&cli.config, command).await,
+    }
+}
+
+/// The pieces most commands need: config, runtime with every plugin, transport.
+pub(crate) struct App {
+    pub config: Config,
+    /// Held for the epoch ticker and the engine; the registry's processors use it.
+    pub _runtime: Runtime,
+    pub registry: std::sync::Arc<Registry>,
+    pub transport: Box<dyn Transport>,
+}
+
+impl App {
+    pub async fn load(config_path: &Path) -> anyhow::Result<App> {
+        let config = Config::load(config_path)?;
+        let runtime = Runtime::new(config.max_memory_limit(), &config.cache_dir())?;
+        let (registry, errors) = Registry::load(&runtime, &config).await;
+        for e in errors {
+            tracing::error!(error = %e, "plugin cannot be loaded; its messages fail until it is fixed (`wasmq check` lists every problem)");
+        }
+        let transport = open_transport(&config).await?;
+        Ok(App {
+            config,
+            _runtime: runtime,
+            registry: std::sync::Arc::new(registry),
+            transport,
+        })
+    }
+}
+
+pub(crate) async fn open_transport(config: &Config) -> anyhow::Result<Box<dyn Transport>> {
+    let dsn = Dsn::parse(&config.transport.dsn).map_err(anyhow::Error::msg)?;
+    transport::open(&dsn, &config.base_dir)
+        .await
+        .with_context(|| format!("opening [transport] dsn {:?}", config.transport.dsn))
+}

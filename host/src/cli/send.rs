@@ -1,0 +1,80 @@
+//! `wasmq send TOPIC [BODY]`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use crate::cli::App;
+use crate::config::parse_duration;
+use crate::message::{Priority, SendOptions};
+
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// The topic; every processor subscribed to it gets a delivery.
+    pub topic: String,
+    /// The body. Without it (and without --body-file) the body is read from stdin.
+    pub body: Option<String>,
+    /// Read the body from this file.
+    #[arg(long, conflicts_with = "body")]
+    pub body_file: Option<PathBuf>,
+    /// very-low, low, normal, high or very-high.
+    #[arg(long, default_value = "normal", value_parser = |s: &str| s.parse::<Priority>())]
+    pub priority: Priority,
+    /// Deliver no earlier than this from now, e.g. 10s or 5m.
+    #[arg(long, value_parser = parse_duration)]
+    pub delay: Option<std::time::Duration>,
+    /// A header, as name=value; repeat for more.
+    #[arg(long = "header", value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
+}
+
+fn parse_header(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.trim().is_empty() => {
+            Ok((name.trim().to_string(), value.to_string()))
+        }
+        _ => Err(format!(
+            "header {text:?} is not name=value: write it like --header tenant=acme"
+        )),
+    }
+}
+
+pub async fn run(config: &Path, args: SendArgs) -> anyhow::Result<ExitCode> {
+    let body = match (&args.body, &args.body_file) {
+        (Some(body), _) => body.clone().into_bytes(),
+        (None, Some(file)) => {
+            std::fs::read(file).with_context(|| format!("reading --body-file {file:?}"))?
+        }
+        (None, None) => {
+            let mut body = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut body)
+                .context("reading the body from stdin")?;
+            body
+        }
+    };
+    if args.topic.trim().is_empty() {
+        bail!("the topic is empty: name the topic to send to (`wasmq topics` lists them)");
+    }
+    let app = App::load(config).await?;
+    let options = SendOptions {
+        priority: args.priority,
+        delay: args.delay.unwrap_or_default(),
+        headers: args.headers,
+    };
+    let envelopes = app.registry.router.route(&args.topic, &body, &options)?;
+    if envelopes.is_empty() {
+        eprintln!(
+            "no processor subscribes to {:?}; dropped (on_unroutable = \"drop\")",
+            args.topic
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    for id in app.transport.send(envelopes).await? {
+        println!("{id}");
+    }
+    Ok(ExitCode::SUCCESS)
+}

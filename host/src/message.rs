@@ -1,0 +1,154 @@
+//! The message model shared by the router, the transports, the runtime and the CLI.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Delivery priority: five levels, as in Oro's MessagePriority. Higher goes first
+/// within a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Priority {
+    VeryLow,
+    Low,
+    #[default]
+    Normal,
+    High,
+    VeryHigh,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 5] = [
+        Priority::VeryLow,
+        Priority::Low,
+        Priority::Normal,
+        Priority::High,
+        Priority::VeryHigh,
+    ];
+
+    /// The value stored in SQL columns and AMQP `priority`: 0 (very-low) to 4 (very-high).
+    pub fn level(self) -> u8 {
+        self as u8
+    }
+
+    /// The inverse of [`Priority::level`]; out-of-range values clamp, so a row written
+    /// by a foreign client never stops a consumer.
+    pub fn from_level(level: i64) -> Priority {
+        Priority::ALL[level.clamp(0, 4) as usize]
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Priority::VeryLow => "very-low",
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::High => "high",
+            Priority::VeryHigh => "very-high",
+        }
+    }
+}
+
+impl fmt::Display for Priority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Priority {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Priority::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| {
+                format!("unknown priority {s:?}: use very-low, low, normal, high or very-high")
+            })
+    }
+}
+
+/// What a processor made of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Ack,
+    Reject,
+    Requeue,
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Status::Ack => "ack",
+            Status::Reject => "reject",
+            Status::Requeue => "requeue",
+        })
+    }
+}
+
+/// A message as one processor receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Transport-assigned, stable across redeliveries and dead-letter replays.
+    pub id: String,
+    pub topic: String,
+    pub body: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+    pub priority: Priority,
+    /// 1 on the first delivery; counts every claim, including those of dead consumers.
+    pub attempt: u32,
+    pub published_at_ms: u64,
+}
+
+impl Message {
+    /// True when an earlier attempt did not settle.
+    pub fn redelivered(&self) -> bool {
+        self.attempt > 1
+    }
+}
+
+/// How a message is to be sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SendOptions {
+    pub priority: Priority,
+    /// Visible to consumers only this long after the send is committed.
+    pub delay: Duration,
+    pub headers: Vec<(String, String)>,
+}
+
+/// One delivery to be stored: a message addressed to one processor's queue.
+/// The router makes one per subscribed processor; transports store them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub queue: String,
+    pub processor: String,
+    pub topic: String,
+    pub body: Vec<u8>,
+    pub options: SendOptions,
+}
+
+/// Milliseconds since the Unix epoch, the time unit of every stored timestamp.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn priorities_round_trip_through_names_and_levels() {
+        for p in Priority::ALL {
+            assert_eq!(p.name().parse::<Priority>().unwrap(), p);
+            assert_eq!(Priority::from_level(p.level() as i64), p);
+        }
+        assert!(Priority::VeryHigh > Priority::Normal);
+        assert_eq!(Priority::from_level(99), Priority::VeryHigh);
+        let err = "urgent".parse::<Priority>().unwrap_err();
+        assert!(
+            err.contains("\"urgent\"") && err.contains("very-high"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,37 @@
+//! `log.log`: a plugin's own log lines, tagged with its name and the message id.
+
+use wasmtime::component::{HasSelf, Linker};
+
+use crate::runtime::bindings::log::{self, Host};
+use crate::runtime::bindings::types::Level;
+use crate::runtime::state::PluginState;
+
+/// Longest line kept; longer ones are cut so a plugin cannot flood the log.
+const MAX_LOG_LINE: usize = 16 << 10;
+
+impl Host for PluginState {
+    fn log(&mut self, level: Level, text: String) {
+        let mut text = text;
+        if text.len() > MAX_LOG_LINE {
+            let mut cut = MAX_LOG_LINE;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+            text.push('…');
+        }
+        let plugin = &*self.plugin.name;
+        let message_id = self.message_id();
+        match level {
+            Level::Trace => tracing::trace!(target: "wasmq::plugin", plugin, message_id, "{text}"),
+            Level::Debug => tracing::debug!(target: "wasmq::plugin", plugin, message_id, "{text}"),
+            Level::Info => tracing::info!(target: "wasmq::plugin", plugin, message_id, "{text}"),
+            Level::Warn => tracing::warn!(target: "wasmq::plugin", plugin, message_id, "{text}"),
+            Level::Error => tracing::error!(target: "wasmq::plugin", plugin, message_id, "{text}"),
+        }
+    }
+}
+
+pub fn add_to_linker(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
+    log::add_to_linker::<PluginState, HasSelf<PluginState>>(linker, |s| s)
+}

@@ -1,0 +1,55 @@
+//! `producer.send`: routes the message now (so an unroutable topic is an answer the
+//! plugin sees at once) and holds it until the current message is acknowledged.
+
+use std::time::Duration;
+
+use wasmtime::component::{HasSelf, Linker};
+
+use crate::message::SendOptions;
+use crate::runtime::bindings::producer::{self, Host};
+use crate::runtime::bindings::types;
+use crate::runtime::state::PluginState;
+
+/// Sends per processed message at most: a runaway loop fails fast instead of
+/// growing the settlement transaction without bound.
+pub const MAX_SENDS_PER_MESSAGE: usize = 10_000;
+
+/// Largest body a plugin may send.
+pub const MAX_SEND_BODY: usize = 16 << 20;
+
+impl Host for PluginState {
+    fn send(
+        &mut self,
+        topic: String,
+        body: Vec<u8>,
+        options: types::SendOptions,
+    ) -> Result<(), types::SendError> {
+        if self.call.sends.len() >= MAX_SENDS_PER_MESSAGE {
+            return Err(types::SendError::Invalid(format!(
+                "more than {MAX_SENDS_PER_MESSAGE} sends while processing one message: split the work into several messages"
+            )));
+        }
+        if body.len() > MAX_SEND_BODY {
+            return Err(types::SendError::Invalid(format!(
+                "body of {} bytes exceeds the {MAX_SEND_BODY}-byte limit: store large payloads elsewhere and send a reference",
+                body.len()
+            )));
+        }
+        let options = SendOptions {
+            priority: options.priority.map(Into::into).unwrap_or_default(),
+            delay: Duration::from_millis(options.delay_ms.unwrap_or(0)),
+            headers: options.headers,
+        };
+        match self.call.router.route(&topic, &body, &options) {
+            Ok(envelopes) => {
+                self.call.sends.extend(envelopes);
+                Ok(())
+            }
+            Err(unroutable) => Err(types::SendError::Unroutable(unroutable.to_string())),
+        }
+    }
+}
+
+pub fn add_to_linker(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
+    producer::add_to_linker::<PluginState, HasSelf<PluginState>>(linker, |s| s)
+}

@@ -1,0 +1,116 @@
+//! The Wasm runtime: one engine per process, plugins compiled once (and cached on
+//! disk), and a fresh sandboxed instance per message.
+//!
+//! - [`engine`]: engine settings and the epoch ticker behind timeouts.
+//! - [`cache`]: compiled components on disk, by content and engine hash.
+//! - [`bindings`]: the WIT bindings (the only place `bindgen!` runs).
+//! - [`state`], [`output`], `host`: what a store holds and the host imports.
+//! - [`processor`]: one loaded processor and the per-message call.
+//! - [`registry`]: every configured processor, and the router built from their topics.
+
+pub mod bindings;
+pub mod cache;
+pub mod engine;
+mod host;
+pub mod output;
+pub mod processor;
+pub mod registry;
+pub mod state;
+
+use std::path::{Path, PathBuf};
+
+use wasmtime::Engine;
+use wasmtime::component::Linker;
+
+use crate::config::ProcessorConfig;
+use crate::runtime::processor::LoadedProcessor;
+use crate::runtime::state::PluginState;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    #[error("cannot read plugin file {path:?}: {source}")]
+    ReadPlugin {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "plugin {plugin:?} is not a valid WebAssembly component: {reason}; build it with `cargo build --target wasm32-wasip2`"
+    )]
+    Compile { plugin: PathBuf, reason: String },
+    #[error(
+        "plugin {plugin:?} does not implement world wasmq:plugin/processor@0.1.0: {reason}; build it against wit/plugin.wit"
+    )]
+    WrongWorld { plugin: PathBuf, reason: String },
+    #[error("processor {processor:?}: plugin {plugin:?} failed in subscribed-topics: {reason}")]
+    SubscribedTopics {
+        processor: String,
+        plugin: PathBuf,
+        reason: String,
+    },
+    #[error(
+        "processor {processor:?} has no topics: plugin {plugin:?} subscribes to none; list them in its `topics` key"
+    )]
+    NoTopics { processor: String, plugin: PathBuf },
+    #[error("cannot set up the WebAssembly engine: {0}")]
+    Engine(String),
+}
+
+/// The engine, the linker with every host import, and the epoch ticker.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<PluginState>,
+    cache_dir: PathBuf,
+    _ticker: engine::EpochTicker,
+}
+
+impl Runtime {
+    /// `max_memory` is the largest `memory_limit` of any processor.
+    pub fn new(max_memory: u64, cache_dir: &Path) -> Result<Runtime, RuntimeError> {
+        let engine = engine::build(max_memory)?;
+        let mut linker = Linker::new(&engine);
+        host::add_to_linker(&mut linker)?;
+        Ok(Runtime {
+            _ticker: engine::EpochTicker::start(&engine),
+            engine,
+            linker,
+            cache_dir: cache_dir.to_path_buf(),
+        })
+    }
+
+    /// Reads, compiles (or loads from cache) and checks one processor's plugin.
+    pub async fn load(
+        &self,
+        config: &ProcessorConfig,
+        path: &Path,
+    ) -> Result<LoadedProcessor, RuntimeError> {
+        let bytes = std::fs::read(path).map_err(|source| RuntimeError::ReadPlugin {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let hash = cache::content_hash(&bytes);
+        let component = {
+            let (engine, cache_dir, path, hash) = (
+                self.engine.clone(),
+                self.cache_dir.clone(),
+                path.to_path_buf(),
+                hash.clone(),
+            );
+            // Compiling takes a CPU for up to a second: keep it off the async workers.
+            tokio::task::spawn_blocking(move || {
+                cache::load(&engine, &cache_dir, &path, &bytes, &hash)
+            })
+            .await
+            .map_err(|e| RuntimeError::Engine(format!("compiler task failed: {e}")))??
+        };
+        LoadedProcessor::new(
+            &self.engine,
+            &self.linker,
+            config,
+            path.to_path_buf(),
+            component,
+            hash,
+        )
+        .await
+    }
+}

@@ -1,0 +1,295 @@
+//! A loaded processor: its compiled component, its `InstancePre`, and how one
+//! message is run through it.
+//!
+//! By default every message gets a fresh `Store` and instance, so no guest state leaks
+//! from one message to the next (what Oro's "clearer" extensions do by hand). With
+//! `instance_reuse = N` an instance that answered normally serves up to N messages;
+//! any trap, timeout or memory overrun drops it, since its state may be corrupt.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use wasmtime::component::Component;
+use wasmtime::{Engine, Store, UpdateDeadline};
+use wasmtime_wasi::WasiCtxBuilder;
+
+use crate::config::ProcessorConfig;
+use crate::message::{Envelope, Message, Status};
+use crate::router::Router;
+use crate::runtime::RuntimeError;
+use crate::runtime::bindings::{Processor, ProcessorPre, types};
+use crate::runtime::output::{LogStream, PluginOutput, Stream};
+use crate::runtime::state::{PluginInfo, PluginState};
+
+/// Extra time given to a call stuck in a host await (a guest sleeping through WASI)
+/// beyond the epoch deadline, which only fires while guest code runs.
+const HOST_TIMEOUT_GRACE: Duration = Duration::from_millis(200);
+
+/// Warm instances kept per processor at most (with `instance_reuse`).
+const MAX_WARM_INSTANCES: usize = 64;
+
+/// Why a call produced no answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The guest trapped (a Rust panic, an out-of-bounds access, ...).
+    Trap(String),
+    /// `process` ran past the processor's `timeout`.
+    Timeout(Duration),
+    /// The guest tried to grow its memory past `memory_limit`.
+    Memory(u64),
+    /// The plugin could not be instantiated for this message.
+    Instantiate(String),
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Trap(why) => write!(f, "trap: {why}"),
+            Failure::Timeout(limit) => {
+                write!(f, "timeout: process did not return within {limit:?}")
+            }
+            Failure::Memory(limit) => write!(
+                f,
+                "memory: the plugin tried to grow past its memory_limit of {limit} bytes"
+            ),
+            Failure::Instantiate(why) => write!(f, "instantiate: {why}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Answered(Status),
+    Failed(Failure),
+}
+
+/// The result of one call: the answer and the sends it made (held until settlement).
+#[derive(Debug)]
+pub struct Processed {
+    pub outcome: Outcome,
+    pub sends: Vec<Envelope>,
+}
+
+struct WarmInstance {
+    store: Store<PluginState>,
+    bindings: Processor,
+    used: u32,
+}
+
+pub struct LoadedProcessor {
+    pub config: ProcessorConfig,
+    pub path: PathBuf,
+    /// Hex SHA-256 of the plugin file.
+    pub hash: String,
+    /// The topics it handles: from the config, or from the plugin's `subscribed-topics`.
+    pub topics: Vec<String>,
+    info: Arc<PluginInfo>,
+    engine: Engine,
+    pre: ProcessorPre<PluginState>,
+    warm: Mutex<Vec<WarmInstance>>,
+}
+
+impl LoadedProcessor {
+    pub(crate) async fn new(
+        engine: &Engine,
+        linker: &wasmtime::component::Linker<PluginState>,
+        config: &ProcessorConfig,
+        path: PathBuf,
+        component: Component,
+        hash: String,
+    ) -> Result<LoadedProcessor, RuntimeError> {
+        let wrong_world = |e: wasmtime::Error| RuntimeError::WrongWorld {
+            plugin: path.clone(),
+            reason: format!("{e:#}"),
+        };
+        let instance_pre = linker.instantiate_pre(&component).map_err(wrong_world)?;
+        let pre = ProcessorPre::new(instance_pre).map_err(wrong_world)?;
+        let mut processor = LoadedProcessor {
+            config: config.clone(),
+            info: Arc::new(PluginInfo {
+                name: config.name.as_str().into(),
+                config: config.config.clone(),
+            }),
+            engine: engine.clone(),
+            pre,
+            warm: Mutex::new(Vec::new()),
+            topics: Vec::new(),
+            path,
+            hash,
+        };
+        processor.topics = match &config.topics {
+            Some(topics) => topics.clone(),
+            None => processor.subscribed_topics().await?,
+        };
+        Ok(processor)
+    }
+
+    fn new_store(&self, router: Arc<Router>) -> Store<PluginState> {
+        let output = PluginOutput::new(self.info.name.clone());
+        let wasi = WasiCtxBuilder::new()
+            .stdout(LogStream::new(Stream::Stdout, output.clone()))
+            .stderr(LogStream::new(Stream::Stderr, output.clone()))
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let state = PluginState::new(
+            self.info.clone(),
+            self.config.memory_limit,
+            router,
+            output,
+            wasi,
+        );
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_callback(|mut ctx| {
+            let call = &mut ctx.data_mut().call;
+            if Instant::now() >= call.deadline {
+                call.timed_out = true;
+                return Err(wasmtime::format_err!("timeout"));
+            }
+            Ok(UpdateDeadline::Yield(1))
+        });
+        store
+    }
+
+    fn arm(&self, store: &mut Store<PluginState>, router: Arc<Router>, message_id: &str) {
+        let state = store.data_mut();
+        state.call.router = router;
+        state.call.sends.clear();
+        state.call.deadline = Instant::now() + self.config.timeout;
+        state.call.timed_out = false;
+        if let Ok(mut output) = state.output.lock() {
+            output.message_id.clear();
+            output.message_id.push_str(message_id);
+            output.last_stderr.clear();
+        }
+        store.set_epoch_deadline(1);
+    }
+
+    fn classify(&self, store: &Store<PluginState>, error: &wasmtime::Error) -> Failure {
+        let state = store.data();
+        if state.call.timed_out {
+            return Failure::Timeout(self.config.timeout);
+        }
+        if state.limiter.exceeded {
+            return Failure::Memory(state.limiter.limit);
+        }
+        let mut why = error.root_cause().to_string();
+        let lines = state
+            .output
+            .lock()
+            .map(|o| o.last_stderr.join(" / "))
+            .unwrap_or_default();
+        if !lines.is_empty() {
+            why.push_str(&format!(" (stderr: {lines})"));
+        }
+        Failure::Trap(why)
+    }
+
+    async fn instantiate(&self, store: &mut Store<PluginState>) -> Result<Processor, Failure> {
+        match self.pre.instantiate_async(&mut *store).await {
+            Ok(bindings) => Ok(bindings),
+            Err(e) => Err(match self.classify(store, &e) {
+                Failure::Trap(why) => Failure::Instantiate(why),
+                other => other,
+            }),
+        }
+    }
+
+    /// Calls `subscribed-topics` on a fresh instance.
+    async fn subscribed_topics(&self) -> Result<Vec<String>, RuntimeError> {
+        let failed = |reason: String| RuntimeError::SubscribedTopics {
+            processor: self.config.name.clone(),
+            plugin: self.path.clone(),
+            reason,
+        };
+        let router = Arc::new(Router::default());
+        let mut store = self.new_store(router.clone());
+        self.arm(&mut store, router, "subscribed-topics");
+        let bindings = self
+            .instantiate(&mut store)
+            .await
+            .map_err(|f| failed(f.to_string()))?;
+        let call = bindings
+            .wasmq_plugin_handler()
+            .call_subscribed_topics(&mut store);
+        let topics =
+            match tokio::time::timeout(self.config.timeout + HOST_TIMEOUT_GRACE, call).await {
+                Ok(Ok(topics)) => topics,
+                Ok(Err(e)) => return Err(failed(self.classify(&store, &e).to_string())),
+                Err(_) => return Err(failed(Failure::Timeout(self.config.timeout).to_string())),
+            };
+        if topics.is_empty() || topics.iter().any(|t| t.trim().is_empty()) {
+            return Err(RuntimeError::NoTopics {
+                processor: self.config.name.clone(),
+                plugin: self.path.clone(),
+            });
+        }
+        Ok(topics)
+    }
+
+    /// Instantiates the plugin once, as `wasmq check` does, to prove it links and starts.
+    pub async fn probe(&self) -> Result<(), RuntimeError> {
+        let router = Arc::new(Router::default());
+        let mut store = self.new_store(router.clone());
+        self.arm(&mut store, router, "check");
+        self.instantiate(&mut store)
+            .await
+            .map(drop)
+            .map_err(|f| RuntimeError::WrongWorld {
+                plugin: self.path.clone(),
+                reason: f.to_string(),
+            })
+    }
+
+    /// Runs one message through the plugin.
+    pub async fn process(&self, message: &Message, router: Arc<Router>) -> Processed {
+        let warm = self.warm.lock().ok().and_then(|mut w| w.pop());
+        let (mut store, bindings, used) = match warm {
+            Some(w) => (w.store, w.bindings, w.used),
+            None => {
+                let mut store = self.new_store(router.clone());
+                self.arm(&mut store, router.clone(), &message.id);
+                match self.instantiate(&mut store).await {
+                    Ok(bindings) => (store, bindings, 0),
+                    Err(failure) => {
+                        return Processed {
+                            outcome: Outcome::Failed(failure),
+                            sends: Vec::new(),
+                        };
+                    }
+                }
+            }
+        };
+        self.arm(&mut store, router, &message.id);
+        let wit_message = types::Message::from(message);
+        let call = bindings
+            .wasmq_plugin_handler()
+            .call_process(&mut store, &wit_message);
+        let result = tokio::time::timeout(self.config.timeout + HOST_TIMEOUT_GRACE, call).await;
+        let outcome = match result {
+            Ok(Ok(status)) => Outcome::Answered(status.into()),
+            Ok(Err(e)) => Outcome::Failed(self.classify(&store, &e)),
+            Err(_) => Outcome::Failed(Failure::Timeout(self.config.timeout)),
+        };
+        let sends = std::mem::take(&mut store.data_mut().call.sends);
+        let used = used + 1;
+        if matches!(outcome, Outcome::Answered(_)) && used < self.config.instance_reuse {
+            let mut warm = self
+                .warm
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if warm.len() < MAX_WARM_INSTANCES {
+                warm.push(WarmInstance {
+                    store,
+                    bindings,
+                    used,
+                });
+            }
+        }
+        Processed { outcome, sends }
+    }
+}

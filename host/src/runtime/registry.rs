@@ -1,0 +1,73 @@
+//! Every configured processor, loaded, and the router their topics make.
+//!
+//! A plugin that cannot be loaded (not a component, wrong world, trapping in
+//! `subscribed-topics`) does not stop the others: it is kept as broken, its messages
+//! fail with the load error (and so retry, then dead-letter), and `wasmq check`
+//! reports it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::config::{Config, ProcessorConfig};
+use crate::router::Router;
+use crate::runtime::processor::LoadedProcessor;
+use crate::runtime::{Runtime, RuntimeError};
+
+pub enum Slot {
+    Ready(Arc<LoadedProcessor>),
+    Broken {
+        config: Box<ProcessorConfig>,
+        error: String,
+    },
+}
+
+pub struct Registry {
+    pub processors: BTreeMap<String, Slot>,
+    pub router: Arc<Router>,
+}
+
+impl Registry {
+    /// Loads every processor; returns the registry and what failed to load.
+    pub async fn load(runtime: &Runtime, config: &Config) -> (Registry, Vec<RuntimeError>) {
+        let mut processors = BTreeMap::new();
+        let mut errors = Vec::new();
+        let mut router = Router::new(config.producer.on_unroutable);
+        for p in &config.processors {
+            let slot = match runtime.load(p, &config.plugin_path(p)).await {
+                Ok(loaded) => {
+                    for topic in &loaded.topics {
+                        router.subscribe(topic, &p.name, &p.queue);
+                    }
+                    Slot::Ready(Arc::new(loaded))
+                }
+                Err(e) => {
+                    // Configured topics still route, so senders are not refused while
+                    // the plugin is being fixed; its messages wait in the queue.
+                    for topic in p.topics.iter().flatten() {
+                        router.subscribe(topic, &p.name, &p.queue);
+                    }
+                    let slot = Slot::Broken {
+                        config: Box::new(p.clone()),
+                        error: e.to_string(),
+                    };
+                    errors.push(e);
+                    slot
+                }
+            };
+            processors.insert(p.name.clone(), slot);
+        }
+        let registry = Registry {
+            processors,
+            router: Arc::new(router),
+        };
+        (registry, errors)
+    }
+
+    /// The loaded processors, skipping broken ones.
+    pub fn ready(&self) -> impl Iterator<Item = &Arc<LoadedProcessor>> {
+        self.processors.values().filter_map(|slot| match slot {
+            Slot::Ready(p) => Some(p),
+            Slot::Broken { .. } => None,
+        })
+    }
+}

@@ -1,0 +1,121 @@
+//! What a plugin's `Store` holds: its (empty) WASI context, its memory cap, and the
+//! state of the call in progress.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use wasmtime::ResourceLimiter;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::message::Envelope;
+use crate::router::Router;
+use crate::runtime::output::PluginOutput;
+
+/// Tables larger than this are refused: no honest plugin needs more entries.
+const MAX_TABLE_ELEMENTS: usize = 1_000_000;
+
+/// Who the plugin is, shared by all its instances.
+#[derive(Debug)]
+pub struct PluginInfo {
+    /// The processor's name: every log line of the plugin carries it.
+    pub name: Arc<str>,
+    /// The processor's `[processor.config]`.
+    pub config: std::collections::BTreeMap<String, String>,
+}
+
+/// Enforces `memory_limit` and remembers that it did, so the failure is reported as
+/// "memory" rather than as whatever trap the guest's allocator turns it into.
+pub struct MemoryLimiter {
+    pub limit: u64,
+    pub exceeded: bool,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired as u64 > self.limit {
+            self.exceeded = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+/// The message being processed and what the plugin did with it so far.
+pub struct CallState {
+    /// Routes the plugin's sends; taken per call so a config change applies at once.
+    pub router: Arc<Router>,
+    /// Sends held back until the message is acknowledged.
+    pub sends: Vec<Envelope>,
+    /// The epoch callback traps after this instant.
+    pub deadline: Instant,
+    pub timed_out: bool,
+}
+
+pub struct PluginState {
+    pub plugin: Arc<PluginInfo>,
+    pub limiter: MemoryLimiter,
+    pub call: CallState,
+    /// Shared with the stdout/stderr streams: which message their lines belong to.
+    pub output: Arc<Mutex<PluginOutput>>,
+    wasi: WasiCtx,
+    table: ResourceTable,
+}
+
+impl PluginState {
+    pub fn new(
+        plugin: Arc<PluginInfo>,
+        memory_limit: u64,
+        router: Arc<Router>,
+        output: Arc<Mutex<PluginOutput>>,
+        wasi: WasiCtx,
+    ) -> PluginState {
+        PluginState {
+            plugin,
+            limiter: MemoryLimiter {
+                limit: memory_limit,
+                exceeded: false,
+            },
+            call: CallState {
+                router,
+                sends: Vec::new(),
+                deadline: Instant::now(),
+                timed_out: false,
+            },
+            output,
+            wasi,
+            table: ResourceTable::new(),
+        }
+    }
+
+    /// The id of the message in progress, for log lines.
+    pub fn message_id(&self) -> String {
+        self.output
+            .lock()
+            .map(|o| o.message_id.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl WasiView for PluginState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! The transport boundary: where messages are stored, claimed and settled.
+//!
+//! Two kinds of transport fit one shape:
+//! - SQL ones ("DBAL": SQLite now; PostgreSQL and MySQL next) *pull*: a
+//!   [`Receiver`] claims a batch of rows (`FOR UPDATE SKIP LOCKED` on PostgreSQL and
+//!   MySQL) and each [`Delivery`] settles its row by id.
+//! - RabbitMQ *pushes*: its [`Receiver`] wraps `basic.consume` with a prefetch window
+//!   equal to the consumer's concurrency, `next_batch` yields what the broker pushed,
+//!   and each delivery settles by delivery tag after publishing (with confirms) what
+//!   the processor sent.
+//!
+//! Either way the consumer sees a stream of deliveries, each carrying its own settle
+//! handle, and a settlement that resolves only once it is durable.
+
+pub mod dbal;
+
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::message::{Envelope, Message, Priority};
+
+/// A parsed `[transport] dsn`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dsn {
+    /// An SQLite file; relative paths are resolved against the config file's folder.
+    Sqlite(PathBuf),
+}
+
+impl Dsn {
+    pub fn parse(dsn: &str) -> Result<Dsn, String> {
+        if let Some(path) = dsn.strip_prefix("sqlite://") {
+            let path = path.split('?').next().unwrap_or_default();
+            if path.is_empty() {
+                return Err(format!(
+                    "{dsn:?} names no file: write sqlite://var/wasmq.sqlite (relative to the config file) or sqlite:///absolute/path"
+                ));
+            }
+            return Ok(Dsn::Sqlite(PathBuf::from(path)));
+        }
+        let scheme = dsn.split("://").next().unwrap_or(dsn);
+        match scheme {
+            "postgres" | "postgresql" | "mysql" | "mariadb" | "amqp" | "amqps" => Err(format!(
+                "{dsn:?}: the {scheme} transport is not available in this version yet; use sqlite://var/wasmq.sqlite"
+            )),
+            _ => Err(format!(
+                "{dsn:?} is not a DSN wasmq understands: use sqlite://PATH, e.g. sqlite://var/wasmq.sqlite"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    #[error("cannot open the message store {what}: {source}")]
+    Open { what: String, source: sqlx::Error },
+    #[error("message store query failed while {doing}: {source}")]
+    Query {
+        doing: &'static str,
+        source: sqlx::Error,
+    },
+    #[error("no dead-lettered message has id {0:?}: `wasmq dead-letter list` shows the ids")]
+    DeadLetterNotFound(String),
+    #[error("the message store connection is closed (the consumer is shutting down)")]
+    Closed,
+}
+
+impl TransportError {
+    /// True for failures that may pass (a locked database, a dropped connection):
+    /// the caller may try again; false for mistakes that will repeat.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            TransportError::Query { source, .. } | TransportError::Open { source, .. } => {
+                matches!(
+                    source,
+                    sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Database(_)
+                )
+            }
+            _ => false,
+        }
+    }
+}
+
+/// What becomes of a delivery once its processor is done with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    /// Remove the delivery and store what the processor sent, atomically where the
+    /// transport allows (SQL: one transaction).
+    Ack { sends: Vec<Envelope> },
+    /// Make it visible again after `delay`, recording why.
+    Retry { delay: Duration, error: String },
+    /// Move it to the dead-letter store with the reason.
+    DeadLetter { error: String },
+    /// Remove it without a trace (REJECT with `dead_letter = false`).
+    Drop,
+}
+
+/// Resolves once a settlement is durable.
+pub type SettleReceipt = Pin<Box<dyn Future<Output = Result<(), TransportError>> + Send>>;
+
+/// Settles one delivery. Consumed by use: a delivery is settled once.
+#[async_trait]
+pub trait SettleHandle: Send {
+    /// Hands the settlement to the transport. Returns once it is accepted (so the
+    /// processing slot may be reused); the receipt resolves once it is durable.
+    async fn settle(
+        self: Box<Self>,
+        settlement: Settlement,
+    ) -> Result<SettleReceipt, TransportError>;
+}
+
+/// A message claimed for one processor, with the handle that settles it.
+pub struct Delivery {
+    pub message: Message,
+    /// The processor the delivery is addressed to.
+    pub processor: String,
+    pub queue: String,
+    pub handle: Box<dyn SettleHandle>,
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("message", &self.message)
+            .field("processor", &self.processor)
+            .field("queue", &self.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One consumer's view of its queues.
+#[async_trait]
+pub trait Receiver: Send {
+    /// Waits for at least one and at most `max` deliveries. Cancel-safe: dropping the
+    /// future claims nothing.
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>, TransportError>;
+
+    /// Waits until every settlement handed out is durable, then releases the consumer's
+    /// registration.
+    async fn close(self: Box<Self>) -> Result<(), TransportError>;
+}
+
+/// A message in the dead-letter store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub id: String,
+    pub queue: String,
+    pub processor: String,
+    pub topic: String,
+    pub body: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+    pub priority: Priority,
+    pub attempts: u32,
+    pub published_at_ms: i64,
+    pub dead_at_ms: i64,
+    pub error: String,
+}
+
+/// Consumer-side settings a receiver needs.
+#[derive(Debug, Clone)]
+pub struct ReceiverOptions {
+    pub queues: Vec<String>,
+    /// Claims not renewed for this long are taken over by other consumers.
+    pub heartbeat_timeout: Duration,
+}
+
+/// A message store.
+#[async_trait]
+pub trait Transport: Send + Sync {
+    /// Stores the envelopes durably, all or none, and returns their ids in order.
+    async fn send(&self, envelopes: Vec<Envelope>) -> Result<Vec<String>, TransportError>;
+
+    /// Opens a receiver for one consumer.
+    async fn receiver(&self, options: ReceiverOptions)
+    -> Result<Box<dyn Receiver>, TransportError>;
+
+    /// Number of deliveries waiting or in flight, per queue.
+    async fn queue_depths(&self) -> Result<Vec<(String, u64)>, TransportError>;
+
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, TransportError>;
+
+    async fn dead_letter(&self, id: &str) -> Result<DeadLetter, TransportError>;
+
+    /// Puts a dead-lettered message back in its queue with its id and a fresh attempt count.
+    async fn replay_dead_letter(&self, id: &str) -> Result<(), TransportError>;
+
+    /// Deletes every dead-lettered message; returns how many.
+    async fn purge_dead_letters(&self) -> Result<u64, TransportError>;
+}
+
+/// Opens the transport a DSN names.
+pub async fn open(
+    dsn: &Dsn,
+    base_dir: &std::path::Path,
+) -> Result<Box<dyn Transport>, TransportError> {
+    match dsn {
+        Dsn::Sqlite(path) => {
+            let path = if path.is_absolute() {
+                path.clone()
+            } else {
+                base_dir.join(path)
+            };
+            Ok(Box::new(dbal::sqlite::SqliteTransport::open(&path).await?))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dsn_parsing_names_the_problem() {
+        assert_eq!(
+            Dsn::parse("sqlite://var/q.sqlite").unwrap(),
+            Dsn::Sqlite("var/q.sqlite".into())
+        );
+        assert_eq!(
+            Dsn::parse("sqlite:///tmp/q.sqlite").unwrap(),
+            Dsn::Sqlite("/tmp/q.sqlite".into())
+        );
+        assert!(
+            Dsn::parse("sqlite://")
+                .unwrap_err()
+                .contains("names no file")
+        );
+        assert!(
+            Dsn::parse("postgres://localhost/x")
+                .unwrap_err()
+                .contains("not available")
+        );
+        assert!(
+            Dsn::parse("var/q.sqlite")
+                .unwrap_err()
+                .contains("sqlite://")
+        );
+    }
+}
