@@ -1,0 +1,124 @@
+//! Every config mistake is an error that names the key or file and says what to do.
+
+mod common;
+
+use common::{Env, plugins_dir};
+
+fn check_fails_with(config: &str, expected: &[&str]) {
+    let env = Env::with_config(config);
+    let out = env.run(&["check"]);
+    out.assert_failure();
+    for needle in expected {
+        assert!(
+            out.stderr.contains(needle),
+            "expected {needle:?} in:\n{}",
+            out.stderr
+        );
+    }
+}
+
+fn plugins() -> String {
+    format!("[plugins]\ndir = {:?}\n", plugins_dir())
+}
+
+#[test]
+fn an_unknown_key_is_named() {
+    check_fails_with(
+        &format!(
+            "{}[[processor]]\nname = \"a\"\nplugin = \"noop.wasm\"\nmax_attempt = 3\n",
+            plugins()
+        ),
+        &["max_attempt", "max_attempts"],
+    );
+}
+
+#[test]
+fn a_missing_plugin_file_is_named() {
+    check_fails_with(
+        &format!(
+            "{}[[processor]]\nname = \"a\"\nplugin = \"nope.wasm\"\n",
+            plugins()
+        ),
+        &["nope.wasm", "does not exist", "wasm32-wasip2"],
+    );
+}
+
+#[test]
+fn a_bad_duration_is_named() {
+    check_fails_with(
+        &format!(
+            "{}[[processor]]\nname = \"a\"\nplugin = \"noop.wasm\"\ntimeout = \"ten seconds\"\n",
+            plugins()
+        ),
+        &["timeout", "\"ten seconds\"", "30s"],
+    );
+}
+
+#[test]
+fn a_bad_size_is_named() {
+    check_fails_with(
+        &format!(
+            "{}[[processor]]\nname = \"a\"\nplugin = \"noop.wasm\"\nmemory_limit = \"big\"\n",
+            plugins()
+        ),
+        &["memory_limit", "\"big\"", "64MiB"],
+    );
+}
+
+#[test]
+fn a_dsn_that_does_not_parse_is_named() {
+    check_fails_with(
+        &format!(
+            "[transport]\ndsn = \"sqlite:/oops\"\n{}[[processor]]\nname = \"a\"\nplugin = \"noop.wasm\"\n",
+            plugins()
+        ),
+        &["[transport] dsn", "\"sqlite:/oops\"", "sqlite://"],
+    );
+}
+
+#[test]
+fn duplicate_processor_names_are_named() {
+    check_fails_with(
+        &format!(
+            "{}[[processor]]\nname = \"a\"\nplugin = \"noop.wasm\"\n[[processor]]\nname = \"a\"\nplugin = \"noop.wasm\"\n",
+            plugins()
+        ),
+        &["two processors are named \"a\""],
+    );
+}
+
+#[test]
+fn a_missing_config_file_says_how_to_point_at_one() {
+    let env = Env::with_config("");
+    std::fs::remove_file(env.path().join("wasmq.toml")).unwrap();
+    let out = env.run(&["topics"]);
+    out.assert_failure();
+    assert!(
+        out.stderr.contains("wasmq.toml") && out.stderr.contains("WASMQ_CONFIG"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn a_valid_config_checks_clean_and_lists_its_topics() {
+    let env = Env::new("[[processor]]\nname = \"indexer\"\nplugin = \"indexer.wasm\"\n");
+    let out = env.run(&["check"]);
+    out.assert_success();
+    assert!(
+        out.stdout.contains("search.index-entities"),
+        "{}",
+        out.stdout
+    );
+    let topics = env.run(&["topics"]);
+    topics.assert_success();
+    let line = topics
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("search.index-entities"))
+        .expect("topic row");
+    assert!(
+        line.contains("indexer") && line.contains("indexer.wasm") && line.contains("default"),
+        "{line}"
+    );
+}

@@ -1,0 +1,288 @@
+//! Delivery semantics end to end: volume, priority, delay, retry, dead letters,
+//! send-on-ACK, unroutable topics.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Env, scripted_with_sink};
+use sqlx::Row;
+
+#[test]
+fn a_thousand_messages_are_consumed_and_every_plugin_send_is_stored() {
+    let env = Env::new(
+        "[[processor]]\nname = \"indexer\"\nplugin = \"indexer.wasm\"\n[processor.config]\nindex = \"products\"\n\n\
+         [[processor]]\nname = \"indexed\"\nplugin = \"noop.wasm\"\ntopics = [\"search.indexed\"]\nqueue = \"indexed\"\n",
+    );
+    // One send through the CLI proves the path; the other 999 are written the way a
+    // foreign SQL producer would, so the test does not spend its time starting processes.
+    env.send(
+        "search.index-entities",
+        r#"{"entity":"product","ids":[0]}"#,
+        &[],
+        &[],
+    );
+    env.sql(|conn| {
+        Box::pin(async move {
+            let mut tx = sqlx::Connection::begin(conn).await.unwrap();
+            for i in 1..1000 {
+                sqlx::query(
+                    "INSERT INTO wasmq_messages (queue, processor, topic, body, published_at, available_at)
+                     VALUES ('default', 'indexer', 'search.index-entities', ?, 0, 0)",
+                )
+                .bind(format!(r#"{{"entity":"product","ids":[{i}]}}"#).into_bytes())
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            }
+            tx.commit().await.unwrap();
+        })
+    });
+    env.run(&[
+        "consume",
+        "--queue",
+        "default",
+        "--message-limit",
+        "1000",
+        "--concurrency",
+        "2",
+    ])
+    .assert_success();
+
+    assert!(
+        env.queue_bodies("default").is_empty(),
+        "every input message is settled"
+    );
+    let mut ids: Vec<u64> = env
+        .queue_bodies("indexed")
+        .iter()
+        .map(|b| {
+            let v: serde_json::Value = serde_json::from_str(b).unwrap();
+            assert_eq!(v["index"], "products", "the plugin read its config value");
+            v["id"].as_u64().unwrap()
+        })
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(
+        ids,
+        (0..1000).collect::<Vec<_>>(),
+        "one send per input, none lost or doubled"
+    );
+}
+
+#[test]
+fn higher_priorities_are_delivered_first_then_oldest() {
+    let env = Env::new(&scripted_with_sink(""));
+    for (body, priority) in [
+        ("low", "low"),
+        ("vh", "very-high"),
+        ("n1", "normal"),
+        ("h", "high"),
+        ("vl", "very-low"),
+        ("n2", "normal"),
+    ] {
+        env.send(
+            "test.scripted",
+            body,
+            &[("x-send", "test.out")],
+            &["--priority", priority],
+        );
+    }
+    env.run(&["consume", "--queue", "default", "--message-limit", "6"])
+        .assert_success();
+    let order: Vec<String> = env
+        .sink()
+        .iter()
+        .map(|v| v["body"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(order, ["vh", "h", "n1", "n2", "low", "vl"]);
+}
+
+#[test]
+fn a_delayed_message_is_not_delivered_early() {
+    let env = Env::new(&scripted_with_sink(""));
+    let sent_at = common::now_ms();
+    env.send(
+        "test.scripted",
+        "later",
+        &[("x-send", "test.out")],
+        &["--delay", "2s"],
+    );
+    env.run(&["consume", "--queue", "default", "--time-limit", "1s"])
+        .assert_success();
+    assert!(env.sink().is_empty(), "delivered before its delay");
+    assert_eq!(env.queue_bodies("default"), ["later"]);
+
+    env.run(&["consume", "--queue", "default", "--message-limit", "1"])
+        .assert_success();
+    assert_eq!(env.sink().len(), 1);
+    // The echo is stored when the delayed message is acknowledged.
+    let echoed_at: i64 = env.sql(|conn| {
+        Box::pin(async move {
+            sqlx::query("SELECT published_at FROM wasmq_messages WHERE queue = 'sink'")
+                .fetch_one(conn)
+                .await
+                .unwrap()
+                .get("published_at")
+        })
+    });
+    assert!(
+        echoed_at - sent_at >= 2000,
+        "processed {} ms after the send",
+        echoed_at - sent_at
+    );
+}
+
+#[test]
+fn requeue_backs_off_then_dead_letters_and_discards_its_sends() {
+    let env = Env::new(&scripted_with_sink(
+        "max_attempts = 3\nretry_backoff = \"300ms\"",
+    ));
+    env.send(
+        "test.scripted",
+        "again",
+        &[("x-answer", "requeue"), ("x-send", "test.out")],
+        &[],
+    );
+    let out = env.run(&[
+        "consume",
+        "--queue",
+        "default",
+        "--message-limit",
+        "3",
+        "-v",
+    ]);
+    out.assert_success();
+
+    assert!(
+        env.sink().is_empty(),
+        "sends of a requeued message must not be published"
+    );
+    let dead = env.dead_letters();
+    assert_eq!(dead.len(), 1, "{}", out.stderr);
+    assert_eq!(dead[0].1, 3, "dead-lettered on its third attempt");
+    assert!(
+        dead[0].2.contains("requeued by the processor"),
+        "{}",
+        dead[0].2
+    );
+    // Backoff: 300 ms before attempt 2, 600 ms before attempt 3.
+    assert!(
+        out.elapsed >= Duration::from_millis(900),
+        "retried too early: {:?}",
+        out.elapsed
+    );
+    for attempt in 1..=3 {
+        assert!(
+            out.stderr.contains(&format!("attempt {attempt}")),
+            "attempt {attempt} missing:\n{}",
+            out.stderr
+        );
+    }
+}
+
+#[test]
+fn dead_letter_replay_delivers_the_message_again() {
+    let env = Env::new(&scripted_with_sink(""));
+    let ids = env.send("test.scripted", "rejected", &[("x-answer", "reject")], &[]);
+    env.run(&["consume", "--queue", "default", "--message-limit", "1"])
+        .assert_success();
+    let dead = env.dead_letters();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].0, ids[0]);
+    assert!(dead[0].2.contains("rejected"), "{}", dead[0].2);
+
+    let list = env.run(&["dead-letter", "list"]);
+    list.assert_success();
+    assert!(
+        list.stdout.contains(&ids[0]) && list.stdout.contains("rejected by the processor"),
+        "{}",
+        list.stdout
+    );
+    let show = env.run(&["dead-letter", "show", &ids[0]]);
+    assert!(
+        show.stdout.contains("x-answer=reject") && show.stdout.contains("rejected"),
+        "{}",
+        show.stdout
+    );
+
+    env.run(&["dead-letter", "replay", &ids[0]])
+        .assert_success();
+    assert!(env.dead_letters().is_empty());
+    let again = env.run(&[
+        "consume",
+        "--queue",
+        "default",
+        "--message-limit",
+        "1",
+        "-v",
+    ]);
+    again.assert_success();
+    assert!(
+        again
+            .stderr
+            .contains(&format!("processing {} attempt 1", ids[0])),
+        "the replayed message keeps its id and starts again at attempt 1:\n{}",
+        again.stderr
+    );
+
+    let missing = env.run(&["dead-letter", "replay", "999999"]);
+    missing.assert_failure();
+    assert!(
+        missing.stderr.contains("\"999999\"") && missing.stderr.contains("dead-letter list"),
+        "{}",
+        missing.stderr
+    );
+    env.run(&["dead-letter", "purge"]).assert_success();
+}
+
+#[test]
+fn sending_to_an_unrouted_topic_fails_with_a_named_error() {
+    let env = Env::new(&scripted_with_sink(""));
+    let out = env.run(&["send", "no.such.topic", "x"]);
+    out.assert_failure();
+    assert!(out.stderr.contains("\"no.such.topic\""), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("known topics: test.out, test.scripted"),
+        "{}",
+        out.stderr
+    );
+
+    let dropping = Env::new(&format!(
+        "[producer]\non_unroutable = \"drop\"\n\n{}",
+        scripted_with_sink("")
+    ));
+    let out = dropping.run(&["send", "no.such.topic", "x"]);
+    out.assert_success();
+    assert!(
+        out.stdout.is_empty() && out.stderr.contains("dropped"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_send_prints_one_id_per_subscribed_processor_and_reads_stdin() {
+    let env = Env::new(
+        "[[processor]]\nname = \"a\"\nplugin = \"noop.wasm\"\ntopics = [\"t\"]\n\n\
+         [[processor]]\nname = \"b\"\nplugin = \"noop.wasm\"\ntopics = [\"t\"]\nqueue = \"other\"\n",
+    );
+    let mut command = env.command(&["send", "t"]);
+    command.stdin(std::process::Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"from stdin")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+    assert_eq!(env.queue_bodies("default"), ["from stdin"]);
+    assert_eq!(env.queue_bodies("other"), ["from stdin"]);
+}

@@ -1,0 +1,146 @@
+//! Plugins that trap, spin, hog memory, implement the wrong world or probe the
+//! sandbox: the consumer survives, moves on, and records why.
+
+mod common;
+
+use common::{Env, scripted_with_sink};
+
+/// A hostile processor on `hostile` with one attempt, next to `scripted` + `sink`.
+fn env_with_hostile(plugin: &str, extra: &str) -> Env {
+    Env::new(&format!(
+        "[[processor]]\nname = \"hostile\"\nplugin = \"{plugin}\"\ntopics = [\"hostile\"]\nmax_attempts = 1\n{extra}\n\n{}",
+        scripted_with_sink("")
+    ))
+}
+
+/// Sends one hostile message, then one good one, consumes both in order, and
+/// returns the dead-letter reason and the consumer's output.
+fn survive(env: &Env) -> (String, common::Output) {
+    let bad = env.send("hostile", "bad", &[], &[]);
+    env.send("test.scripted", "good", &[("x-send", "test.out")], &[]);
+    let out = env.run(&[
+        "consume",
+        "--queue",
+        "default",
+        "--message-limit",
+        "2",
+        "-v",
+    ]);
+    out.assert_success();
+    let sink = env.sink();
+    assert_eq!(
+        sink.len(),
+        1,
+        "the good message after the hostile one was processed:\n{}",
+        out.stderr
+    );
+    assert_eq!(sink[0]["body"], "good");
+    let dead = env.dead_letters();
+    assert_eq!(dead.len(), 1, "{}", out.stderr);
+    assert_eq!(dead[0].0, bad[0]);
+    assert!(
+        out.stderr.contains("plugin=hostile") || out.stderr.contains("plugin=\"hostile\""),
+        "{}",
+        out.stderr
+    );
+    (dead[0].2.clone(), out)
+}
+
+#[test]
+fn a_trapping_plugin_is_dead_lettered_with_its_panic_message() {
+    let env = env_with_hostile("trap.wasm", "");
+    let (reason, _) = survive(&env);
+    assert!(reason.starts_with("trap:"), "{reason}");
+    assert!(
+        reason.contains("trap plugin panics on purpose"),
+        "the panic message is quoted: {reason}"
+    );
+}
+
+#[test]
+fn a_spinning_plugin_times_out_within_twice_its_timeout() {
+    let env = env_with_hostile("spin.wasm", "timeout = \"1s\"");
+    let (reason, out) = survive(&env);
+    assert!(reason.starts_with("timeout:"), "{reason}");
+    let spin_line = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("processed") && l.contains("processor=hostile"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no processed line for the spinning message:\n{}",
+                out.stderr
+            )
+        });
+    let duration_ms: f64 = spin_line
+        .split("duration_ms=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| {
+            n.trim_matches(|c: char| !c.is_ascii_digit() && c != '.')
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no duration in {spin_line:?}"));
+    assert!(
+        (1000.0..2000.0).contains(&duration_ms),
+        "timeout fired after {duration_ms} ms for a 1 s limit"
+    );
+}
+
+#[test]
+fn a_memory_hog_hits_its_memory_limit() {
+    let env = env_with_hostile("hog.wasm", "memory_limit = \"16MiB\"");
+    let (reason, _) = survive(&env);
+    assert!(reason.starts_with("memory:"), "{reason}");
+    assert!(reason.contains(&(16u64 << 20).to_string()), "{reason}");
+}
+
+#[test]
+fn a_plugin_of_the_wrong_world_fails_its_messages_and_check_names_it() {
+    let env = env_with_hostile("wrong-world.wasm", "");
+    let (reason, out) = survive(&env);
+    assert!(
+        reason.starts_with("instantiate:") && reason.contains("wrong-world.wasm"),
+        "{reason}"
+    );
+    assert!(
+        out.stderr
+            .contains("does not implement world wasmq:plugin/processor"),
+        "{}",
+        out.stderr
+    );
+
+    let check = env.run(&["check"]);
+    check.assert_failure();
+    assert!(
+        check.stderr.contains("wrong-world.wasm")
+            && check.stderr.contains("does not implement world"),
+        "{}",
+        check.stderr
+    );
+}
+
+#[test]
+fn a_plugin_cannot_open_files_read_the_environment_or_connect() {
+    let env = Env::new(
+        "[[processor]]\nname = \"sandbox\"\nplugin = \"sandbox.wasm\"\n\n\
+         [[processor]]\nname = \"report\"\nplugin = \"noop.wasm\"\ntopics = [\"sandbox.report\"]\nqueue = \"sink\"\n",
+    );
+    env.send("sandbox.probe", "", &[], &[]);
+    let mut command = env.command(&["consume", "--queue", "default", "--message-limit", "1"]);
+    command.env("WASMQ_SECRET", "hunter2");
+    env.spawn_command(command).wait().assert_success();
+    let reports = env.sink();
+    assert_eq!(reports.len(), 1);
+    let r = &reports[0];
+    for probe in ["read_file", "create_file", "read_dir", "tcp"] {
+        let result = r[probe].as_str().unwrap_or_default();
+        assert!(
+            result.starts_with("denied"),
+            "{probe}: {result} (report {r})"
+        );
+    }
+    assert!(r["env_secret"].is_null(), "{r}");
+    assert_eq!(r["env_count"], 0, "{r}");
+}

@@ -1,0 +1,119 @@
+//! Stopping: signals, kills, and the consumer's limits.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Env, scripted_with_sink};
+
+/// Waits until the consumer has claimed a message (the queue row is marked).
+fn wait_until_claimed(env: &Env) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let claimed: i64 = env.sql(|conn| {
+            Box::pin(async move {
+                sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM wasmq_messages WHERE claimed_by IS NOT NULL",
+                )
+                .fetch_one(conn)
+                .await
+                .unwrap()
+            })
+        });
+        if claimed > 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the consumer never claimed the message"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_lets_the_message_in_flight_finish_and_exits_zero() {
+    let env = Env::new(&scripted_with_sink(""));
+    env.send(
+        "test.scripted",
+        "slow",
+        &[("x-sleep-ms", "1500"), ("x-send", "test.out")],
+        &[],
+    );
+    let consumer = env.spawn(&["consume", "--queue", "default", "-v"]);
+    wait_until_claimed(&env);
+    consumer.signal(libc::SIGTERM);
+    let out = consumer.wait();
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    assert!(
+        env.queue_bodies("default").is_empty(),
+        "the slow message was settled:\n{}",
+        out.stderr
+    );
+    assert_eq!(env.sink().len(), 1, "and what it sent was committed");
+}
+
+#[test]
+fn sigkill_mid_message_redelivers_it_to_the_next_consumer() {
+    let env = Env::new(&format!(
+        "[consumer]\nheartbeat_timeout = \"1s\"\n\n{}",
+        scripted_with_sink("")
+    ));
+    env.send(
+        "test.scripted",
+        "killed",
+        &[("x-sleep-ms", "1500"), ("x-send", "test.out")],
+        &[],
+    );
+    let first = env.spawn(&["consume", "--queue", "default"]);
+    wait_until_claimed(&env);
+    first.signal(libc::SIGKILL);
+    let out = first.wait();
+    assert!(!out.status.success());
+    assert!(
+        env.sink().is_empty(),
+        "the killed attempt committed nothing"
+    );
+
+    env.run(&["consume", "--queue", "default", "--message-limit", "1"])
+        .assert_success();
+    let sink = env.sink();
+    assert_eq!(sink.len(), 1);
+    assert_eq!(sink[0]["attempt"], 2);
+    assert_eq!(sink[0]["redelivered"], true);
+}
+
+#[test]
+fn time_limit_stops_an_idle_consumer_in_both_forms() {
+    let env = Env::new(&scripted_with_sink(""));
+    for limit in ["1s", "now+1s"] {
+        let out = env.run(&["consume", "--time-limit", limit]);
+        out.assert_success();
+        assert!(
+            out.elapsed >= Duration::from_millis(900) && out.elapsed < Duration::from_secs(10),
+            "{limit}: {:?}",
+            out.elapsed
+        );
+    }
+    let bad = env.run(&["consume", "--time-limit", "soonish"]);
+    bad.assert_failure();
+    assert!(bad.stderr.contains("\"soonish\""), "{}", bad.stderr);
+}
+
+#[test]
+fn memory_limit_stops_the_consumer_without_losing_messages() {
+    let env = Env::new(&scripted_with_sink(""));
+    env.send("test.scripted", "waiting", &[], &[]);
+    let out = env.run(&["consume", "--memory-limit", "1", "-v"]);
+    out.assert_success();
+    assert!(
+        out.stderr.contains("memory limit reached"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        env.queue_bodies("default"),
+        ["waiting"],
+        "nothing was claimed past the limit"
+    );
+}
