@@ -1,1 +1,236 @@
-fn main() {}
+//! Throughput benchmark: the raw transport loop against wasmq with a no-op plugin, side
+//! by side in one run, plus the isolated per-message cost of a Wasm call.
+//!
+//! `cargo bench -p wasmq --bench throughput [-- MESSAGES ROUNDS]`
+//!
+//! (a) the SQLite claim → ack loop with no Wasm, through the same transport code and
+//!     batching as the consumer (claims of up to `concurrency`, group-committed acks);
+//! (b) `consumer::run` with the `noop` plugin, fresh instance per message, then with
+//!     `instance_reuse`;
+//! (c) instantiate + `process` of a 200-byte message, on one thread, fresh and reused,
+//!     with the fresh call broken into its phases.
+//!
+//! Prints medians over ROUNDS rounds, and the ratios b/a.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use wasmq::config::Config;
+use wasmq::consumer::{self, ConsumeOptions};
+use wasmq::message::{Envelope, Message, Priority, SendOptions};
+use wasmq::runtime::Runtime;
+use wasmq::runtime::processor::LoadedProcessor;
+use wasmq::runtime::registry::{Registry, Slot};
+use wasmq::transport::dbal::sqlite::SqliteTransport;
+use wasmq::transport::{ReceiverOptions, Settlement, Transport};
+
+const CONCURRENCY: usize = 2;
+const BODY: [u8; 200] = [b'x'; 200];
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn build_plugins(dir: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-examples/build.sh");
+    let status = Command::new("bash")
+        .arg(script)
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("bash");
+    assert!(status.success(), "guest-examples/build.sh failed");
+}
+
+fn config(dir: &Path, instance_reuse: u32) -> Config {
+    let text = format!(
+        "[plugins]\ndir = \"plugins\"\ncache_dir = \"cache\"\n\
+         [[processor]]\nname = \"noop\"\nplugin = \"noop.wasm\"\ninstance_reuse = {instance_reuse}\n"
+    );
+    let config = Config::parse(&text, &dir.join("wasmq.toml"), dir).expect("bench config");
+    config.validate().expect("bench config is valid");
+    config
+}
+
+async fn seed(transport: &SqliteTransport, n: usize) {
+    let envelopes: Vec<Envelope> = (0..n)
+        .map(|_| Envelope {
+            queue: "default".into(),
+            processor: "noop".into(),
+            topic: "bench.noop".into(),
+            body: BODY.to_vec(),
+            options: SendOptions::default(),
+        })
+        .collect();
+    transport.send(envelopes).await.expect("seeding messages");
+}
+
+/// (a): claim up to CONCURRENCY, ack each, await durability: the consumer's pattern
+/// without the Wasm call.
+async fn raw_loop(transport: &SqliteTransport, n: usize) -> f64 {
+    seed(transport, n).await;
+    let mut receiver = transport
+        .receiver(ReceiverOptions {
+            queues: vec!["default".into()],
+            heartbeat_timeout: Duration::from_secs(30),
+        })
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut done = 0;
+    let mut receipts = Vec::new();
+    while done < n {
+        for delivery in receiver
+            .next_batch(CONCURRENCY.min(n - done))
+            .await
+            .unwrap()
+        {
+            receipts.push(
+                delivery
+                    .handle
+                    .settle(Settlement::Ack { sends: Vec::new() })
+                    .await
+                    .unwrap(),
+            );
+            done += 1;
+        }
+        // Like the consumer, keep a bounded number of settlements awaiting durability.
+        if receipts.len() >= 256 {
+            for r in receipts.drain(..) {
+                r.await.unwrap();
+            }
+        }
+    }
+    for r in receipts {
+        r.await.unwrap();
+    }
+    receiver.close().await.unwrap();
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// (b): the real consumer with the noop plugin.
+async fn wasmq_loop(transport: &SqliteTransport, registry: Arc<Registry>, n: usize) -> f64 {
+    seed(transport, n).await;
+    let options = ConsumeOptions {
+        queues: vec!["default".into()],
+        message_limit: Some(n as u64),
+        time_limit: None,
+        memory_limit: None,
+        concurrency: CONCURRENCY,
+        heartbeat_timeout: Duration::from_secs(30),
+    };
+    let start = Instant::now();
+    consumer::run(transport, registry, options, CancellationToken::new())
+        .await
+        .unwrap();
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+fn message() -> Message {
+    Message {
+        id: "1".into(),
+        topic: "bench.noop".into(),
+        body: BODY.to_vec(),
+        headers: Vec::new(),
+        priority: Priority::Normal,
+        attempt: 1,
+        published_at_ms: 0,
+    }
+}
+
+/// (c): µs per instantiate + process on one thread.
+async fn isolated(
+    processor: &LoadedProcessor,
+    router: Arc<wasmq::router::Router>,
+    n: usize,
+) -> f64 {
+    let m = message();
+    for _ in 0..200 {
+        processor.process(&m, router.clone()).await;
+    }
+    let start = Instant::now();
+    for _ in 0..n {
+        processor.process(&m, router.clone()).await;
+    }
+    start.elapsed().as_secs_f64() * 1e6 / n as f64
+}
+
+fn ready(registry: &Registry) -> &LoadedProcessor {
+    match registry.processors.get("noop") {
+        Some(Slot::Ready(p)) => p,
+        _ => panic!("the noop plugin did not load"),
+    }
+}
+
+async fn load(dir: &Path, reuse: u32) -> (Runtime, Arc<Registry>) {
+    let config = config(dir, reuse);
+    let runtime = Runtime::new(config.max_memory_limit(), &config.cache_dir()).unwrap();
+    let (registry, errors) = Registry::load(&runtime, &config).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    (runtime, Arc::new(registry))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let n: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(20_000);
+    let rounds: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(5);
+    let dir = tempfile::tempdir().unwrap();
+    build_plugins(&dir.path().join("plugins"));
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (_fresh_rt, fresh) = load(dir.path(), 1).await;
+        let (_reuse_rt, reused) = load(dir.path(), 1000).await;
+        let transport = SqliteTransport::open(&dir.path().join("bench.sqlite")).await.unwrap();
+
+        let (mut a, mut b, mut b_reuse, mut c, mut c_reuse) = (vec![], vec![], vec![], vec![], vec![]);
+        let mut phases = [vec![], vec![], vec![], vec![]];
+        for round in 1..=rounds {
+            a.push(raw_loop(&transport, n).await);
+            b.push(wasmq_loop(&transport, fresh.clone(), n).await);
+            b_reuse.push(wasmq_loop(&transport, reused.clone(), n).await);
+            c.push(isolated(ready(&fresh), fresh.router.clone(), n).await);
+            c_reuse.push(isolated(ready(&reused), reused.router.clone(), n).await);
+            let m = message();
+            let mut sums = [Duration::ZERO; 4];
+            for _ in 0..n / 4 {
+                let t = ready(&fresh).time_phases(&m, fresh.router.clone()).await;
+                for (sum, t) in sums.iter_mut().zip(t) {
+                    *sum += t;
+                }
+            }
+            for (p, sum) in phases.iter_mut().zip(sums) {
+                p.push(sum.as_secs_f64() * 1e6 / (n / 4) as f64);
+            }
+            eprintln!(
+                "round {round}: a {:.0}/s  b {:.0}/s  b-reuse {:.0}/s  c {:.2} µs  c-reuse {:.2} µs",
+                a[round - 1],
+                b[round - 1],
+                b_reuse[round - 1],
+                c[round - 1],
+                c_reuse[round - 1]
+            );
+        }
+        let (a, b, b_reuse) = (median(a), median(b), median(b_reuse));
+        println!("messages per round: {n}, rounds: {rounds}, concurrency: {CONCURRENCY} (medians)");
+        println!("(a) raw SQLite claim/ack loop:            {a:>9.0} msg/s");
+        println!("(b) wasmq + noop, fresh instance:         {b:>9.0} msg/s   b/a = {:.2}", b / a);
+        println!("(b) wasmq + noop, instance_reuse = 1000:  {b_reuse:>9.0} msg/s   b/a = {:.2}", b_reuse / a);
+        println!("(c) instantiate + process, fresh:         {:>9.2} µs/msg", median(c));
+        println!("(c) process, instance_reuse = 1000:       {:>9.2} µs/msg", median(c_reuse));
+        let names = ["store + WASI context", "instantiate", "process call", "drop (slot reset)"];
+        for (name, p) in names.iter().zip(phases) {
+            println!("    fresh phase {name:<22} {:>6.2} µs", median(p));
+        }
+    });
+}

@@ -437,6 +437,24 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_parses() {
+        let c = parse(include_str!("../../demo/wasmq.toml")).unwrap();
+        assert_eq!(c.processors.len(), 2);
+        let indexer = &c.processors[0];
+        assert_eq!(indexer.name, "indexer");
+        assert!(
+            indexer.topics.is_none(),
+            "the demo relies on subscribed-topics"
+        );
+        assert_eq!(indexer.config["index"], "products");
+        assert_eq!(
+            c.processors[1].topics.as_deref(),
+            Some(&["search.indexed".to_string()][..])
+        );
+        assert_eq!(c.consumer.heartbeat_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
     fn unknown_keys_are_rejected_with_their_name() {
         let err = parse("[[processor]]\nname = \"a\"\nplugin = \"a.wasm\"\ntimeuot = \"1s\"\n")
             .unwrap_err()

@@ -245,6 +245,36 @@ impl LoadedProcessor {
             })
     }
 
+    /// Times the phases of one fresh-instance call (store and WASI context, instantiate,
+    /// `process`, drop): the benchmark's breakdown of the per-message cost.
+    #[doc(hidden)]
+    pub async fn time_phases(&self, message: &Message, router: Arc<Router>) -> [Duration; 4] {
+        let start = Instant::now();
+        let mut store = self.new_store(router.clone());
+        self.arm(&mut store, router, &message.id);
+        let stored = Instant::now();
+        let bindings = self
+            .instantiate(&mut store)
+            .await
+            .expect("the benchmark plugin instantiates");
+        let instantiated = Instant::now();
+        let wit_message = types::Message::from(message);
+        let status = bindings
+            .wasmq_plugin_handler()
+            .call_process(&mut store, &wit_message)
+            .await;
+        assert!(status.is_ok(), "the benchmark plugin answers");
+        let called = Instant::now();
+        drop(store);
+        let dropped = Instant::now();
+        [
+            stored - start,
+            instantiated - stored,
+            called - instantiated,
+            dropped - called,
+        ]
+    }
+
     /// Runs one message through the plugin.
     pub async fn process(&self, message: &Message, router: Arc<Router>) -> Processed {
         let warm = self.warm.lock().ok().and_then(|mut w| w.pop());

@@ -23,11 +23,21 @@ impl Host for PluginState {
         let plugin = &*self.plugin.name;
         let message_id = self.message_id();
         match level {
-            Level::Trace => tracing::trace!(target: "wasmq::plugin", plugin, message_id, "{text}"),
-            Level::Debug => tracing::debug!(target: "wasmq::plugin", plugin, message_id, "{text}"),
-            Level::Info => tracing::info!(target: "wasmq::plugin", plugin, message_id, "{text}"),
-            Level::Warn => tracing::warn!(target: "wasmq::plugin", plugin, message_id, "{text}"),
-            Level::Error => tracing::error!(target: "wasmq::plugin", plugin, message_id, "{text}"),
+            Level::Trace => {
+                tracing::trace!(target: "wasmq::plugin", plugin = %plugin, message_id = %message_id, "{text}")
+            }
+            Level::Debug => {
+                tracing::debug!(target: "wasmq::plugin", plugin = %plugin, message_id = %message_id, "{text}")
+            }
+            Level::Info => {
+                tracing::info!(target: "wasmq::plugin", plugin = %plugin, message_id = %message_id, "{text}")
+            }
+            Level::Warn => {
+                tracing::warn!(target: "wasmq::plugin", plugin = %plugin, message_id = %message_id, "{text}")
+            }
+            Level::Error => {
+                tracing::error!(target: "wasmq::plugin", plugin = %plugin, message_id = %message_id, "{text}")
+            }
         }
     }
 }
