@@ -6,7 +6,6 @@ mod common;
 use std::time::Duration;
 
 use common::{Env, scripted_with_sink};
-use sqlx::Row;
 
 #[test]
 fn a_thousand_messages_are_consumed_and_every_plugin_send_is_stored() {
@@ -23,20 +22,15 @@ fn a_thousand_messages_are_consumed_and_every_plugin_send_is_stored() {
         &[],
     );
     env.sql(|conn| {
-        Box::pin(async move {
-            let mut tx = sqlx::Connection::begin(conn).await.unwrap();
-            for i in 1..1000 {
-                sqlx::query(
-                    "INSERT INTO wasmq_messages (queue, processor, topic, body, published_at, available_at)
-                     VALUES ('default', 'indexer', 'search.index-entities', ?, 0, 0)",
-                )
-                .bind(format!(r#"{{"entity":"product","ids":[{i}]}}"#).into_bytes())
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-            }
-            tx.commit().await.unwrap();
-        })
+        conn.execute_batch("BEGIN")?;
+        for i in 1..1000 {
+            conn.execute(
+                "INSERT INTO wasmq_messages (queue, processor, topic, body, published_at, available_at)
+                 VALUES ('default', 'indexer', 'search.index-entities', ?, 0, 0)",
+                [format!(r#"{{"entity":"product","ids":[{i}]}}"#).into_bytes()],
+            )?;
+        }
+        conn.execute_batch("COMMIT")
     });
     env.run(&[
         "consume",
@@ -118,13 +112,11 @@ fn a_delayed_message_is_not_delivered_early() {
     assert_eq!(env.sink().len(), 1);
     // The echo is stored when the delayed message is acknowledged.
     let echoed_at: i64 = env.sql(|conn| {
-        Box::pin(async move {
-            sqlx::query("SELECT published_at FROM wasmq_messages WHERE queue = 'sink'")
-                .fetch_one(conn)
-                .await
-                .unwrap()
-                .get("published_at")
-        })
+        conn.query_row(
+            "SELECT published_at FROM wasmq_messages WHERE queue = 'sink'",
+            [],
+            |r| r.get(0),
+        )
     });
     assert!(
         echoed_at - sent_at >= 2000,

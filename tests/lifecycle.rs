@@ -11,14 +11,11 @@ fn wait_until_claimed(env: &Env) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let claimed: i64 = env.sql(|conn| {
-            Box::pin(async move {
-                sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM wasmq_messages WHERE claimed_by IS NOT NULL",
-                )
-                .fetch_one(conn)
-                .await
-                .unwrap()
-            })
+            conn.query_row(
+                "SELECT COUNT(*) FROM wasmq_messages WHERE claimed_by IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )
         });
         if claimed > 0 {
             return;

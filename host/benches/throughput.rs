@@ -184,10 +184,13 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     build_plugins(&dir.path().join("plugins"));
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    // The same runtime shape `wasmq consume` picks for this concurrency.
+    let threads: usize = std::env::var("WASMQ_BENCH_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(1);
+    eprintln!("worker threads: {threads} (WASMQ_BENCH_THREADS; wasmq consume --threads)");
+    let rt = wasmq::cli::runtime_for(threads).expect("tokio runtime");
     rt.block_on(async {
         let (_fresh_rt, fresh) = load(dir.path(), 1).await;
         let (_reuse_rt, reused) = load(dir.path(), 1000).await;

@@ -10,10 +10,11 @@ use wasmq::cli::{Cli, LogFormat};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.verbose, cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let threads = match &cli.command {
+        wasmq::cli::Command::Consume(args) => args.threads as usize,
+        _ => 1,
+    };
+    let runtime = match wasmq::cli::runtime_for(threads) {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

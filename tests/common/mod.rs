@@ -9,10 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use sqlx::{Connection, Row, SqliteConnection};
-
-/// What [`Env::sql`] callbacks return.
-pub type BoxFuture<'c, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'c>>;
+use rusqlite::Connection;
 
 /// Longest any single wasmq command may take in a test before it is killed.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(90);
@@ -214,40 +211,20 @@ impl Env {
     }
 
     /// Runs SQL against the test's database (as any SQL client could).
-    pub fn sql<T: Send + 'static>(
-        &self,
-        f: impl for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, T> + Send + 'static,
-    ) -> T {
-        let path = self.db_path();
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("tokio runtime")
-            .block_on(async move {
-                let url = format!("sqlite://{}", path.display());
-                let mut conn = SqliteConnection::connect(&url)
-                    .await
-                    .expect("opening the test database");
-                let result = f(&mut conn).await;
-                conn.close().await.ok();
-                result
-            })
+    pub fn sql<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> T {
+        let conn = Connection::open(self.db_path()).expect("opening the test database");
+        conn.busy_timeout(Duration::from_secs(10)).unwrap();
+        f(&conn).expect("test SQL")
     }
 
     /// Bodies waiting in a queue, oldest first.
     pub fn queue_bodies(&self, queue: &str) -> Vec<String> {
-        let queue = queue.to_string();
-        self.sql(move |conn| {
-            Box::pin(async move {
-                sqlx::query("SELECT body FROM wasmq_messages WHERE queue = ? ORDER BY id")
-                    .bind(queue)
-                    .fetch_all(conn)
-                    .await
-                    .expect("reading a queue")
-                    .iter()
-                    .map(|r| String::from_utf8_lossy(&r.get::<Vec<u8>, _>("body")).into_owned())
-                    .collect()
-            })
+        self.sql(|conn| {
+            conn.prepare("SELECT body FROM wasmq_messages WHERE queue = ? ORDER BY id")?
+                .query_map([queue], |r| {
+                    Ok(String::from_utf8_lossy(&r.get::<_, Vec<u8>>(0)?).into_owned())
+                })?
+                .collect()
         })
     }
 
@@ -265,21 +242,11 @@ impl Env {
     /// (id, attempts, error) of every dead letter.
     pub fn dead_letters(&self) -> Vec<(String, i64, String)> {
         self.sql(|conn| {
-            Box::pin(async move {
-                sqlx::query("SELECT id, attempts, error FROM wasmq_dead_letters ORDER BY id")
-                    .fetch_all(conn)
-                    .await
-                    .expect("reading dead letters")
-                    .iter()
-                    .map(|r| {
-                        (
-                            r.get::<i64, _>("id").to_string(),
-                            r.get("attempts"),
-                            r.get("error"),
-                        )
-                    })
-                    .collect()
-            })
+            conn.prepare("SELECT id, attempts, error FROM wasmq_dead_letters ORDER BY id")?
+                .query_map([], |r| {
+                    Ok((r.get::<_, i64>(0)?.to_string(), r.get(1)?, r.get(2)?))
+                })?
+                .collect()
         })
     }
 }

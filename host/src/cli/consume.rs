@@ -26,9 +26,13 @@ pub struct ConsumeArgs {
     /// Stop once the process uses more than this many megabytes of memory.
     #[arg(long, value_name = "MB")]
     pub memory_limit: Option<u64>,
-    /// Messages processed at once.
+    /// Messages in flight at once (their plugin calls interleave whenever one waits).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub concurrency: u32,
+    /// Worker threads that run plugins. 1 (default) is fastest for short messages; use
+    /// up to one per CPU, with --concurrency at least as high, for CPU-heavy processors.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub threads: u32,
 }
 
 /// Accepts `60s` and Oro/Symfony's relative form `now+60s`.

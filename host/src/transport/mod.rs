@@ -57,30 +57,40 @@ impl Dsn {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TransportError {
-    #[error("cannot open the message store {what}: {source}")]
-    Open { what: String, source: sqlx::Error },
+    #[error(
+        "cannot open the message store {what}: {source}; check the path in [transport] dsn and its folder's permissions"
+    )]
+    Open {
+        what: String,
+        source: rusqlite::Error,
+    },
     #[error("message store query failed while {doing}: {source}")]
     Query {
         doing: &'static str,
-        source: sqlx::Error,
+        source: rusqlite::Error,
     },
+    #[error(
+        "the message store schema is version {found}, newer than this wasmq knows ({known}): upgrade wasmq"
+    )]
+    SchemaTooNew { found: i64, known: i64 },
     #[error("no dead-lettered message has id {0:?}: `wasmq dead-letter list` shows the ids")]
     DeadLetterNotFound(String),
+    #[error("settling failed: {0}")]
+    Settle(String),
     #[error("the message store connection is closed (the consumer is shutting down)")]
     Closed,
 }
 
 impl TransportError {
-    /// True for failures that may pass (a locked database, a dropped connection):
-    /// the caller may try again; false for mistakes that will repeat.
+    /// True for failures that may pass (the database is locked by another process for
+    /// longer than the busy timeout): the caller may try again; false for mistakes
+    /// that will repeat.
     pub fn is_retryable(&self) -> bool {
         match self {
-            TransportError::Query { source, .. } | TransportError::Open { source, .. } => {
-                matches!(
-                    source,
-                    sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Database(_)
-                )
-            }
+            TransportError::Query { source, .. } | TransportError::Open { source, .. } => matches!(
+                source.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            ),
             _ => false,
         }
     }

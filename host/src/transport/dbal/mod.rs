@@ -24,8 +24,8 @@ pub fn decode_headers(text: &str) -> Vec<(String, String)> {
     })
 }
 
-/// Wraps a sqlx error with what we were doing.
-pub(crate) fn query_error(doing: &'static str) -> impl FnOnce(sqlx::Error) -> TransportError {
+/// Wraps a database error with what we were doing.
+pub(crate) fn query_error(doing: &'static str) -> impl FnOnce(rusqlite::Error) -> TransportError {
     move |source| TransportError::Query { doing, source }
 }
 

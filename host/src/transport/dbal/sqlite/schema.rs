@@ -4,14 +4,16 @@
 //! `BEGIN IMMEDIATE`, so two processes opening a new file at once cannot race: the
 //! second waits for the write lock and then finds nothing left to do.
 
-use sqlx::{Connection, SqliteConnection};
+use rusqlite::{Connection, TransactionBehavior};
 
 use crate::transport::TransportError;
 use crate::transport::dbal::query_error;
 
 /// Each entry moves the schema one version forward. Never edit a released entry: add one.
 const MIGRATIONS: &[&str] = &[
-    // 1: messages, claimed by lease, and the dead-letter table.
+    // 1: messages, claimed by lease, and the dead-letter table. There is deliberately no
+    // index on claimed_by: it would be rewritten by every claim and settlement, and a
+    // consumer renews its claims by id.
     "CREATE TABLE wasmq_messages (
         id           INTEGER PRIMARY KEY AUTOINCREMENT,
         queue        TEXT    NOT NULL,
@@ -29,8 +31,6 @@ const MIGRATIONS: &[&str] = &[
         last_error   TEXT
     );
     CREATE INDEX wasmq_messages_claim ON wasmq_messages (queue, priority DESC, id);
-    CREATE INDEX wasmq_messages_claimed_by ON wasmq_messages (claimed_by)
-        WHERE claimed_by IS NOT NULL;
     CREATE TABLE wasmq_dead_letters (
         id           INTEGER PRIMARY KEY,
         queue        TEXT    NOT NULL,
@@ -47,39 +47,29 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 /// Brings the schema up to date.
-pub async fn migrate(conn: &mut SqliteConnection) -> Result<(), TransportError> {
-    let mut tx = conn
-        .begin_with("BEGIN IMMEDIATE")
-        .await
+pub fn migrate(conn: &mut Connection) -> Result<(), TransportError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(query_error("locking the database to migrate its schema"))?;
-    let version: i64 = sqlx::query_scalar("PRAGMA user_version")
-        .fetch_one(&mut *tx)
-        .await
+    let version: i64 = tx
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
         .map_err(query_error("reading the schema version"))?;
-    let version = usize::try_from(version).unwrap_or(usize::MAX);
-    if version > MIGRATIONS.len() {
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
         // A newer wasmq wrote this file; running old code against it could corrupt it.
-        return Err(TransportError::Query {
-            doing: "checking the schema version",
-            source: sqlx::Error::Protocol(format!(
-                "the database schema is version {version}, newer than this wasmq knows ({}): upgrade wasmq",
-                MIGRATIONS.len()
-            )),
+        return Err(TransportError::SchemaTooNew {
+            found: version,
+            known,
         });
     }
-    for sql in &MIGRATIONS[version..] {
-        sqlx::raw_sql(sql)
-            .execute(&mut *tx)
-            .await
+    for sql in &MIGRATIONS[version.max(0) as usize..] {
+        tx.execute_batch(sql)
             .map_err(query_error("migrating the schema"))?;
     }
-    if version < MIGRATIONS.len() {
-        sqlx::raw_sql(&format!("PRAGMA user_version = {}", MIGRATIONS.len()))
-            .execute(&mut *tx)
-            .await
+    if version < known {
+        tx.execute_batch(&format!("PRAGMA user_version = {known}"))
             .map_err(query_error("recording the schema version"))?;
     }
     tx.commit()
-        .await
         .map_err(query_error("committing the schema migration"))
 }
