@@ -27,7 +27,8 @@ use wasmq::runtime::registry::{Registry, Slot};
 use wasmq::transport::dbal::sqlite::SqliteTransport;
 use wasmq::transport::{ReceiverOptions, Settlement, Transport};
 
-const CONCURRENCY: usize = 2;
+/// The concurrency the targets are set for, and a wider one for comparison.
+const CONCURRENCIES: [usize; 2] = [2, 16];
 const BODY: [u8; 200] = [b'x'; 200];
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -69,9 +70,9 @@ async fn seed(transport: &SqliteTransport, n: usize) {
     transport.send(envelopes).await.expect("seeding messages");
 }
 
-/// (a): claim up to CONCURRENCY, ack each, await durability: the consumer's pattern
+/// (a): claim up to `concurrency`, ack each, await durability: the consumer's pattern
 /// without the Wasm call.
-async fn raw_loop(transport: &SqliteTransport, n: usize) -> f64 {
+async fn raw_loop(transport: &SqliteTransport, n: usize, concurrency: usize) -> f64 {
     seed(transport, n).await;
     let mut receiver = transport
         .receiver(ReceiverOptions {
@@ -85,7 +86,7 @@ async fn raw_loop(transport: &SqliteTransport, n: usize) -> f64 {
     let mut receipts = Vec::new();
     while done < n {
         for delivery in receiver
-            .next_batch(CONCURRENCY.min(n - done))
+            .next_batch(concurrency.min(n - done))
             .await
             .unwrap()
         {
@@ -113,14 +114,19 @@ async fn raw_loop(transport: &SqliteTransport, n: usize) -> f64 {
 }
 
 /// (b): the real consumer with the noop plugin.
-async fn wasmq_loop(transport: &SqliteTransport, registry: Arc<Registry>, n: usize) -> f64 {
+async fn wasmq_loop(
+    transport: &SqliteTransport,
+    registry: Arc<Registry>,
+    n: usize,
+    concurrency: usize,
+) -> f64 {
     seed(transport, n).await;
     let options = ConsumeOptions {
         queues: vec!["default".into()],
         message_limit: Some(n as u64),
         time_limit: None,
         memory_limit: None,
-        concurrency: CONCURRENCY,
+        concurrency,
         heartbeat_timeout: Duration::from_secs(30),
     };
     let start = Instant::now();
@@ -196,12 +202,23 @@ fn main() {
         let (_reuse_rt, reused) = load(dir.path(), 1000).await;
         let transport = SqliteTransport::open(&dir.path().join("bench.sqlite")).await.unwrap();
 
-        let (mut a, mut b, mut b_reuse, mut c, mut c_reuse) = (vec![], vec![], vec![], vec![], vec![]);
+        // Per concurrency: (a) raw, (b) fresh, (b) reused; each a list of rounds.
+        let mut loops = vec![[vec![], vec![], vec![]]; CONCURRENCIES.len()];
+        let (mut c, mut c_reuse) = (vec![], vec![]);
         let mut phases = [vec![], vec![], vec![], vec![]];
         for round in 1..=rounds {
-            a.push(raw_loop(&transport, n).await);
-            b.push(wasmq_loop(&transport, fresh.clone(), n).await);
-            b_reuse.push(wasmq_loop(&transport, reused.clone(), n).await);
+            for (k, &concurrency) in CONCURRENCIES.iter().enumerate() {
+                let [a, b, b_reuse] = &mut loops[k];
+                a.push(raw_loop(&transport, n, concurrency).await);
+                b.push(wasmq_loop(&transport, fresh.clone(), n, concurrency).await);
+                b_reuse.push(wasmq_loop(&transport, reused.clone(), n, concurrency).await);
+                eprintln!(
+                    "round {round}, concurrency {concurrency}: a {:.0}/s  b {:.0}/s  b-reuse {:.0}/s",
+                    a[round - 1],
+                    b[round - 1],
+                    b_reuse[round - 1]
+                );
+            }
             c.push(isolated(ready(&fresh), fresh.router.clone(), n).await);
             c_reuse.push(isolated(ready(&reused), reused.router.clone(), n).await);
             let m = message();
@@ -215,20 +232,16 @@ fn main() {
             for (p, sum) in phases.iter_mut().zip(sums) {
                 p.push(sum.as_secs_f64() * 1e6 / (n / 4) as f64);
             }
-            eprintln!(
-                "round {round}: a {:.0}/s  b {:.0}/s  b-reuse {:.0}/s  c {:.2} µs  c-reuse {:.2} µs",
-                a[round - 1],
-                b[round - 1],
-                b_reuse[round - 1],
-                c[round - 1],
-                c_reuse[round - 1]
-            );
+            eprintln!("round {round}: c {:.2} µs  c-reuse {:.2} µs", c[round - 1], c_reuse[round - 1]);
         }
-        let (a, b, b_reuse) = (median(a), median(b), median(b_reuse));
-        println!("messages per round: {n}, rounds: {rounds}, concurrency: {CONCURRENCY} (medians)");
-        println!("(a) raw SQLite claim/ack loop:            {a:>9.0} msg/s");
-        println!("(b) wasmq + noop, fresh instance:         {b:>9.0} msg/s   b/a = {:.2}", b / a);
-        println!("(b) wasmq + noop, instance_reuse = 1000:  {b_reuse:>9.0} msg/s   b/a = {:.2}", b_reuse / a);
+        println!("messages per round: {n}, rounds: {rounds}, worker threads: {threads} (medians)");
+        for (k, concurrency) in CONCURRENCIES.iter().enumerate() {
+            let [a, b, b_reuse] = loops[k].clone().map(median);
+            println!("--concurrency {concurrency}:");
+            println!("  (a) raw SQLite claim/ack loop:            {a:>9.0} msg/s");
+            println!("  (b) wasmq + noop, fresh instance:         {b:>9.0} msg/s   b/a = {:.2}", b / a);
+            println!("  (b) wasmq + noop, instance_reuse = 1000:  {b_reuse:>9.0} msg/s   b/a = {:.2}", b_reuse / a);
+        }
         println!("(c) instantiate + process, fresh:         {:>9.2} µs/msg", median(c));
         println!("(c) process, instance_reuse = 1000:       {:>9.2} µs/msg", median(c_reuse));
         let names = ["store + WASI context", "instantiate", "process call", "drop (slot reset)"];
