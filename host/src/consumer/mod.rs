@@ -95,15 +95,9 @@ pub async fn run(
                 break StopReason::MemoryLimit;
             }
         }
-        let time_up = async {
-            match deadline {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
         let first = tokio::select! {
             _ = stop.cancelled() => break StopReason::Signal,
-            _ = time_up => break StopReason::TimeLimit,
+            _ = until(deadline) => break StopReason::TimeLimit,
             permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
         };
         let room = options.message_limit.map_or(usize::MAX, |limit| {
@@ -116,15 +110,9 @@ pub async fn run(
                 Err(_) => break,
             }
         }
-        let time_up = async {
-            match deadline {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
         let batch = tokio::select! {
             _ = stop.cancelled() => break StopReason::Signal,
-            _ = time_up => break StopReason::TimeLimit,
+            _ = until(deadline) => break StopReason::TimeLimit,
             batch = receiver.next_batch(permits.len()) => batch,
         };
         let batch = match batch {
@@ -173,6 +161,14 @@ pub async fn run(
     }
     tracing::info!(?reason, claimed, "consumer stopped");
     Ok(reason)
+}
+
+/// Completes at the deadline, or never without one.
+async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Processes one delivery and settles it.
