@@ -278,3 +278,58 @@ fn a_send_prints_one_id_per_subscribed_processor_and_reads_stdin() {
     assert_eq!(env.queue_bodies("default"), ["from stdin"]);
     assert_eq!(env.queue_bodies("other"), ["from stdin"]);
 }
+
+#[test]
+fn each_message_gets_a_fresh_instance_unless_reuse_is_configured() {
+    let calls = |env: &Env| -> Vec<u64> {
+        env.sink()
+            .iter()
+            .map(|v| v["instance_calls"].as_u64().unwrap())
+            .collect()
+    };
+
+    let fresh = Env::new(&scripted_with_sink(""));
+    for i in 0..3 {
+        fresh.send(
+            "test.scripted",
+            &i.to_string(),
+            &[("x-send", "test.out")],
+            &[],
+        );
+    }
+    fresh
+        .run(&["consume", "--queue", "default", "--message-limit", "3"])
+        .assert_success();
+    assert_eq!(
+        calls(&fresh),
+        [1, 1, 1],
+        "no guest state survives from one message to the next"
+    );
+
+    let reused = Env::new(&scripted_with_sink("instance_reuse = 2\nmax_attempts = 1"));
+    for i in 0..3 {
+        reused.send(
+            "test.scripted",
+            &i.to_string(),
+            &[("x-send", "test.out")],
+            &[],
+        );
+    }
+    // A trap throws its instance away: the next message starts on a new one.
+    reused.send(
+        "test.scripted",
+        "trap",
+        &[("x-send", "test.out"), ("x-trap", "yes")],
+        &[],
+    );
+    reused.send("test.scripted", "after", &[("x-send", "test.out")], &[]);
+    reused
+        .run(&["consume", "--queue", "default", "--message-limit", "5"])
+        .assert_success();
+    assert_eq!(
+        calls(&reused),
+        [1, 2, 1, 1],
+        "an instance serves at most 2 messages; the trap's send is discarded"
+    );
+    assert_eq!(reused.dead_letters().len(), 1);
+}

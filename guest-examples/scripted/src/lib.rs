@@ -6,11 +6,18 @@
 //! - `x-send: TOPIC` sends a JSON echo of the message (`id`, `body`, `attempt`,
 //!   `redelivered`, `priority`) to TOPIC; without that header, the `forward_to`
 //!   config value, when set, names the topic instead. A failed send requeues;
-//! - `x-answer: ack|reject|requeue` picks the returned status (default `ack`).
+//! - `x-answer: ack|reject|requeue` picks the returned status (default `ack`);
+//! - `x-trap: yes` panics after sending (so the send must be discarded);
+//! - the echo's `instance_calls` counts the calls this instance has served, which
+//!   shows whether the host gave the message a fresh instance or a reused one.
 
 wit_bindgen::generate!({ path: "../../wit", world: "processor" });
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
+
+/// Calls served by this instance: instance state that must not outlive the instance.
+static CALLS: AtomicU32 = AtomicU32::new(0);
 
 use exports::wasmq::plugin::handler::{Guest, Message, Status};
 use serde_json::json;
@@ -43,6 +50,7 @@ impl Guest for Scripted {
     }
 
     fn process(message: Message) -> Status {
+        let instance_calls = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
         println!("processing {} attempt {}", message.id, message.attempt);
 
         if let Some(ms) = header(&message, "x-sleep-ms") {
@@ -63,6 +71,7 @@ impl Guest for Scripted {
                 "attempt": message.attempt,
                 "redelivered": message.redelivered,
                 "priority": priority_name(message.priority),
+                "instance_calls": instance_calls,
             });
             let body = serde_json::to_vec(&echo).expect("serialising to a Vec cannot fail");
             let options = SendOptions {
@@ -74,6 +83,10 @@ impl Guest for Scripted {
                 eprintln!("scripted: send to {topic} failed: {err:?}");
                 return Status::Requeue;
             }
+        }
+
+        if header(&message, "x-trap").is_some() {
+            panic!("scripted: x-trap asked for a trap");
         }
 
         match header(&message, "x-answer") {
