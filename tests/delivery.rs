@@ -333,3 +333,37 @@ fn each_message_gets_a_fresh_instance_unless_reuse_is_configured() {
     );
     assert_eq!(reused.dead_letters().len(), 1);
 }
+
+#[test]
+fn a_message_for_an_unknown_processor_waits_without_using_up_attempts() {
+    let env = Env::new(&scripted_with_sink(""));
+    env.send("test.scripted", "known", &[], &[]);
+    // As if written by a consumer with a newer config, for a processor this one lacks.
+    env.sql(|conn| {
+        conn.execute(
+            "INSERT INTO wasmq_messages (queue, processor, topic, body, published_at, available_at)
+             VALUES ('default', 'ghost', 'test.ghost', X'00', 0, 0)",
+            [],
+        )
+    });
+    env.run(&["consume", "--queue", "default", "--time-limit", "1s"])
+        .assert_success();
+    let (attempt, error): (i64, String) = env.sql(|conn| {
+        conn.query_row(
+            "SELECT attempt, last_error FROM wasmq_messages WHERE processor = 'ghost'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+    });
+    assert_eq!(
+        attempt, 0,
+        "deferring a message it cannot run does not count as an attempt"
+    );
+    assert!(error.contains("\"ghost\""), "{error}");
+    assert!(env.dead_letters().is_empty());
+    assert_eq!(
+        env.queue_bodies("default").len(),
+        1,
+        "the known message was processed, the other waits"
+    );
+}

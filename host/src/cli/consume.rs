@@ -27,7 +27,8 @@ pub struct ConsumeArgs {
     #[arg(long, value_name = "MB")]
     pub memory_limit: Option<u64>,
     /// Messages in flight at once (their plugin calls interleave whenever one waits).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    /// (At most 256: each message in flight holds one of the engine's 1,000 instance slots.)
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub concurrency: u32,
     /// Worker threads that run plugins. 1 (default) is fastest for short messages; use
     /// up to one per CPU, with --concurrency at least as high, for CPU-heavy processors.

@@ -188,9 +188,9 @@ async fn handle(
         None => {
             tracing::warn!(processor = %name, queue = %queue, message_id = %message.id,
                 "a message is addressed to a processor this consumer does not have; it will be offered again");
-            let settlement = Settlement::Retry {
+            let settlement = Settlement::Defer {
                 delay: UNKNOWN_PROCESSOR_RETRY,
-                error: format!("no processor named {name:?} in the consumer's config"),
+                reason: format!("no processor named {name:?} in the consumer's config"),
             };
             (settlement, "unknown-processor".to_string())
         }

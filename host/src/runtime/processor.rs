@@ -27,8 +27,9 @@ use crate::runtime::state::{PluginInfo, PluginState};
 /// beyond the epoch deadline, which only fires while guest code runs.
 const HOST_TIMEOUT_GRACE: Duration = Duration::from_millis(200);
 
-/// Warm instances kept per processor at most (with `instance_reuse`).
-const MAX_WARM_INSTANCES: usize = 64;
+/// Warm instances kept per processor at most (with `instance_reuse`); each holds a
+/// pool slot, so this stays small next to the pool's size.
+const MAX_WARM_INSTANCES: usize = 16;
 
 /// Why a call produced no answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,6 +162,7 @@ impl LoadedProcessor {
         state.call.sends.clear();
         state.call.deadline = Instant::now() + self.config.timeout;
         state.call.timed_out = false;
+        state.limiter.exceeded = false;
         if let Ok(mut output) = state.output.lock() {
             output.message_id.clear();
             output.message_id.push_str(message_id);
@@ -190,12 +192,15 @@ impl LoadedProcessor {
     }
 
     async fn instantiate(&self, store: &mut Store<PluginState>) -> Result<Processor, Failure> {
-        match self.pre.instantiate_async(&mut *store).await {
-            Ok(bindings) => Ok(bindings),
-            Err(e) => Err(match self.classify(store, &e) {
+        // Start functions run guest code too: they get the same deadline as `process`.
+        let limit = self.config.timeout + HOST_TIMEOUT_GRACE;
+        match tokio::time::timeout(limit, self.pre.instantiate_async(&mut *store)).await {
+            Ok(Ok(bindings)) => Ok(bindings),
+            Ok(Err(e)) => Err(match self.classify(store, &e) {
                 Failure::Trap(why) => Failure::Instantiate(why),
                 other => other,
             }),
+            Err(_) => Err(Failure::Timeout(self.config.timeout)),
         }
     }
 

@@ -104,6 +104,9 @@ pub enum Settlement {
     Ack { sends: Vec<Envelope> },
     /// Make it visible again after `delay`, recording why.
     Retry { delay: Duration, error: String },
+    /// Offer it again after `delay` without counting this delivery as an attempt: the
+    /// consumer could not run it at all (it has no such processor).
+    Defer { delay: Duration, reason: String },
     /// Move it to the dead-letter store with the reason.
     DeadLetter { error: String },
     /// Remove it without a trace (REJECT with `dead_letter = false`).

@@ -88,11 +88,17 @@ impl Shared {
             tx.commit().map_err(query_error(doing))?;
             Ok(result)
         })();
-        for (_, _, reply) in batch {
-            let _ = reply.send(match &result {
-                Ok(_) => Ok(()),
-                Err(e) => Err(TransportError::Settle(e.to_string())),
-            });
+        if result.is_ok() {
+            for (_, _, reply) in batch {
+                let _ = reply.send(Ok(()));
+            }
+        } else {
+            // The claim failed (say, another process held the lock past the busy
+            // timeout): the settlements are fine, so queue them again rather than fail
+            // them; they are committed by the next holder, or by their own tasks.
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let later = std::mem::replace(&mut *pending, batch);
+            pending.extend(later);
         }
         self.drain(conn);
         result
@@ -241,14 +247,27 @@ impl Shared {
                         sends.extend(s);
                     }
                     Settlement::Drop => {}
-                    Settlement::Retry { delay, error } => {
+                    Settlement::Retry { delay, error }
+                    | Settlement::Defer {
+                        delay,
+                        reason: error,
+                    } => {
                         let delay = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 4);
+                        // A deferred delivery was never run: it gives its attempt back.
+                        let uncount = i64::from(matches!(settlement, Settlement::Defer { .. }));
                         tx.prepare_cached(
-                            "UPDATE wasmq_messages SET claimed_by = NULL, available_at = ?, last_error = ?
+                            "UPDATE wasmq_messages SET claimed_by = NULL, available_at = ?, last_error = ?,
+                                 attempt = attempt - ?
                              WHERE id = ? AND claimed_by = ?",
                         )
                         .and_then(|mut stmt| {
-                            stmt.execute(rusqlite::params![now.saturating_add(delay), error, id, self.consumer_id])
+                            stmt.execute(rusqlite::params![
+                                now.saturating_add(delay),
+                                error,
+                                uncount,
+                                id,
+                                self.consumer_id
+                            ])
                         })
                         .map_err(query_error("scheduling a retry"))?;
                         continue;
@@ -305,9 +324,10 @@ impl SqliteReceiver {
             queues: options.queues.iter().map(|q| Value::from(q.clone())).collect(),
             lease_ms: i64::try_from(options.heartbeat_timeout.as_millis()).unwrap_or(i64::MAX / 4),
             claim_sql: format!(
-                "UPDATE wasmq_messages SET claimed_by = ?, available_at = ?, attempt = attempt + 1
+                "UPDATE wasmq_messages SET claimed_by = ?1, available_at = ?2, attempt = attempt + 1
                  WHERE id IN (SELECT id FROM wasmq_messages
                               WHERE queue IN ({placeholders}) AND available_at <= ?
+                                AND (claimed_by IS NULL OR claimed_by <> ?1)
                               ORDER BY priority DESC, id LIMIT ?)
                  RETURNING id, queue, processor, topic, body, headers, priority, published_at, attempt"
             ),
@@ -339,6 +359,14 @@ impl SqliteReceiver {
             }
             interval = (interval * 2).min(MAX_IDLE_POLL);
         }
+    }
+}
+
+impl Drop for SqliteReceiver {
+    /// A receiver dropped without `close` (an error path) stops renewing its claims, so
+    /// they expire and are redelivered.
+    fn drop(&mut self) {
+        self.renewer.abort();
     }
 }
 

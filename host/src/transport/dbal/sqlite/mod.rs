@@ -173,6 +173,11 @@ impl Transport for SqliteTransport {
         options: ReceiverOptions,
     ) -> Result<Box<dyn Receiver>, TransportError> {
         let writer = connect(&self.path, Sync::Normal)?;
+        // A consumer must not wait for another process's lock longer than its claims
+        // last, or they expire while it waits: a failed claim or renewal is retried.
+        writer
+            .busy_timeout(BUSY_TIMEOUT.min(options.heartbeat_timeout / 4))
+            .map_err(query_error("setting the consumer's busy timeout"))?;
         let watcher = connect(&self.path, Sync::Normal)?;
         Ok(Box::new(consumer::SqliteReceiver::start(
             writer, watcher, options,
