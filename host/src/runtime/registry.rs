@@ -62,12 +62,4 @@ impl Registry {
         };
         (registry, errors)
     }
-
-    /// The loaded processors, skipping broken ones.
-    pub fn ready(&self) -> impl Iterator<Item = &Arc<LoadedProcessor>> {
-        self.processors.values().filter_map(|slot| match slot {
-            Slot::Ready(p) => Some(p),
-            Slot::Broken { .. } => None,
-        })
-    }
 }

@@ -192,9 +192,6 @@ pub trait Transport: Send + Sync {
     async fn receiver(&self, options: ReceiverOptions)
     -> Result<Box<dyn Receiver>, TransportError>;
 
-    /// Number of deliveries waiting or in flight, per queue.
-    async fn queue_depths(&self) -> Result<Vec<(String, u64)>, TransportError>;
-
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, TransportError>;
 
     async fn dead_letter(&self, id: &str) -> Result<DeadLetter, TransportError>;

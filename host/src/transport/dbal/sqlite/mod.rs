@@ -184,18 +184,6 @@ impl Transport for SqliteTransport {
         )?))
     }
 
-    async fn queue_depths(&self) -> Result<Vec<(String, u64)>, TransportError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare("SELECT queue, COUNT(*) FROM wasmq_messages GROUP BY queue ORDER BY queue")
-            .map_err(query_error("counting queued messages"))?;
-        stmt.query_map([], |row| {
-            Ok((row.get(0)?, row.get::<_, i64>(1)?.max(0) as u64))
-        })
-        .and_then(Iterator::collect)
-        .map_err(query_error("counting queued messages"))
-    }
-
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, TransportError> {
         let conn = self.conn();
         let mut stmt = conn
