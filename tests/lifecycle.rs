@@ -114,3 +114,15 @@ fn memory_limit_stops_the_consumer_without_losing_messages() {
         "nothing was claimed past the limit"
     );
 }
+
+#[test]
+fn an_idle_consumer_picks_up_a_message_sent_by_another_process() {
+    let env = Env::new(&scripted_with_sink(""));
+    let consumer = env.spawn(&["consume", "--queue", "default", "--message-limit", "1"]);
+    // Let it go idle first: it must notice the send from this other process by itself.
+    std::thread::sleep(Duration::from_millis(500));
+    env.send("test.scripted", "late", &[("x-send", "test.out")], &[]);
+    let out = consumer.wait();
+    out.assert_success();
+    assert_eq!(env.sink().len(), 1, "{}", out.stderr);
+}

@@ -9,6 +9,8 @@
 //!     `instance_reuse`;
 //! (c) instantiate + `process` of a 200-byte message, on one thread, fresh and reused,
 //!     with the fresh call broken into its phases.
+//! (d) wake-up latency: an idle receiver against a send committed by another
+//!     connection, as `wasmq send` from another process would.
 //!
 //! Prints medians over ROUNDS rounds, and the ratios b/a.
 
@@ -165,6 +167,45 @@ async fn isolated(
     start.elapsed().as_secs_f64() * 1e6 / n as f64
 }
 
+/// (d): how long an idle receiver takes to see a message that another connection
+/// (as another process would) commits: one sample per call, in milliseconds.
+async fn wake_up(path: &Path, idle: Duration) -> f64 {
+    let producer = SqliteTransport::open(path).await.unwrap();
+    let consumer = SqliteTransport::open(path).await.unwrap();
+    let mut receiver = consumer
+        .receiver(ReceiverOptions {
+            queues: vec!["wake".into()],
+            heartbeat_timeout: Duration::from_secs(30),
+        })
+        .await
+        .unwrap();
+    let send = async {
+        tokio::time::sleep(idle).await;
+        let envelope = Envelope {
+            queue: "wake".into(),
+            processor: "noop".into(),
+            topic: "bench.noop".into(),
+            body: BODY.to_vec(),
+            options: SendOptions::default(),
+        };
+        producer.send(vec![envelope]).await.unwrap();
+        Instant::now()
+    };
+    let (sent_at, batch) = tokio::join!(send, receiver.next_batch(1));
+    let seen_at = Instant::now();
+    for delivery in batch.unwrap() {
+        delivery
+            .handle
+            .settle(Settlement::Ack { sends: Vec::new() })
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    receiver.close().await.unwrap();
+    (seen_at - sent_at).as_secs_f64() * 1e3
+}
+
 fn ready(registry: &Registry) -> &LoadedProcessor {
     match registry.processors.get("noop") {
         Some(Slot::Ready(p)) => p,
@@ -244,6 +285,18 @@ fn main() {
         }
         println!("(c) instantiate + process, fresh:         {:>9.2} µs/msg", median(c));
         println!("(c) process, instance_reuse = 1000:       {:>9.2} µs/msg", median(c_reuse));
+        // Idle for 10 ms to 300 ms, so both the first (1 ms) and the backed-off (5 ms)
+        // polling intervals are sampled.
+        let mut wake = Vec::new();
+        for i in 0..60u64 {
+            wake.push(wake_up(&dir.path().join("bench.sqlite"), Duration::from_millis(10 + i * 5)).await);
+        }
+        let p90 = {
+            let mut w = wake.clone();
+            w.sort_by(f64::total_cmp);
+            w[w.len() * 9 / 10]
+        };
+        println!("(d) idle consumer sees another connection's send: median {:.2} ms, p90 {p90:.2} ms", median(wake));
         let names = ["store + WASI context", "instantiate", "process call", "drop (slot reset)"];
         for (name, p) in names.iter().zip(phases) {
             println!("    fresh phase {name:<22} {:>6.2} µs", median(p));
