@@ -122,3 +122,53 @@ fn a_valid_config_checks_clean_and_lists_its_topics() {
         "{line}"
     );
 }
+
+#[test]
+fn wasmq_config_names_the_config_file_when_no_flag_does() {
+    let env = Env::new("[[processor]]\nname = \"indexer\"\nplugin = \"indexer.wasm\"\n");
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(common::wasmq_bin())
+        .current_dir(elsewhere.path())
+        .arg("topics")
+        .env("WASMQ_CONFIG", env.path().join("wasmq.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("search.index-entities"));
+}
+
+#[test]
+fn compiled_plugins_are_cached_and_a_corrupt_cache_file_is_recompiled() {
+    let env = Env::with_config(&format!(
+        "[plugins]\ndir = {:?}\ncache_dir = \"cache\"\n[[processor]]\nname = \"a\"\nplugin = \"noop.wasm\"\n",
+        plugins_dir()
+    ));
+    env.run(&["check"]).assert_success();
+    let cached: Vec<_> = std::fs::read_dir(env.path().join("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(
+        cached.len(),
+        1,
+        "one compiled artifact for one plugin: {cached:?}"
+    );
+    assert_eq!(cached[0].extension().unwrap(), "cwasm");
+    let modified = std::fs::metadata(&cached[0]).unwrap().modified().unwrap();
+
+    // A restart loads the artifact instead of compiling again: the file is untouched.
+    env.run(&["check"]).assert_success();
+    assert_eq!(
+        std::fs::metadata(&cached[0]).unwrap().modified().unwrap(),
+        modified
+    );
+
+    std::fs::write(&cached[0], b"not a compiled component").unwrap();
+    let out = env.run(&["check", "-v"]);
+    out.assert_success();
+    assert!(out.stderr.contains("recompiling"), "{}", out.stderr);
+}
