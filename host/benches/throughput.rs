@@ -27,7 +27,7 @@ use wasmq::runtime::Runtime;
 use wasmq::runtime::processor::LoadedProcessor;
 use wasmq::runtime::registry::{Registry, Slot};
 use wasmq::transport::dbal::sqlite::SqliteTransport;
-use wasmq::transport::{ReceiverOptions, Settlement, Transport};
+use wasmq::transport::{Receiver, ReceiverOptions, Settlement, Transport};
 
 /// The concurrency the targets are set for, and a wider one for comparison.
 const CONCURRENCIES: [usize; 2] = [2, 16];
@@ -60,29 +60,36 @@ fn config(dir: &Path, instance_reuse: u32) -> Config {
 }
 
 async fn seed(transport: &SqliteTransport, n: usize) {
-    let envelopes: Vec<Envelope> = (0..n)
-        .map(|_| Envelope {
-            queue: "default".into(),
-            processor: "noop".into(),
-            topic: "bench.noop".into(),
-            body: BODY.to_vec(),
-            options: SendOptions::default(),
-        })
-        .collect();
+    let envelopes: Vec<Envelope> = (0..n).map(|_| envelope("default")).collect();
     transport.send(envelopes).await.expect("seeding messages");
+}
+
+/// A 200-byte message for the noop processor in `queue`.
+fn envelope(queue: &str) -> Envelope {
+    Envelope {
+        queue: queue.into(),
+        processor: "noop".into(),
+        topic: "bench.noop".into(),
+        body: BODY.to_vec(),
+        options: SendOptions::default(),
+    }
+}
+
+async fn receiver_on(transport: &SqliteTransport, queue: &str) -> Box<dyn Receiver> {
+    transport
+        .receiver(ReceiverOptions {
+            queues: vec![queue.into()],
+            heartbeat_timeout: Duration::from_secs(30),
+        })
+        .await
+        .unwrap()
 }
 
 /// (a): claim up to `concurrency`, ack each, await durability: the consumer's pattern
 /// without the Wasm call.
 async fn raw_loop(transport: &SqliteTransport, n: usize, concurrency: usize) -> f64 {
     seed(transport, n).await;
-    let mut receiver = transport
-        .receiver(ReceiverOptions {
-            queues: vec!["default".into()],
-            heartbeat_timeout: Duration::from_secs(30),
-        })
-        .await
-        .unwrap();
+    let mut receiver = receiver_on(transport, "default").await;
     let start = Instant::now();
     let mut done = 0;
     let mut receipts = Vec::new();
@@ -172,22 +179,10 @@ async fn isolated(
 async fn wake_up(path: &Path, idle: Duration) -> f64 {
     let producer = SqliteTransport::open(path).await.unwrap();
     let consumer = SqliteTransport::open(path).await.unwrap();
-    let mut receiver = consumer
-        .receiver(ReceiverOptions {
-            queues: vec!["wake".into()],
-            heartbeat_timeout: Duration::from_secs(30),
-        })
-        .await
-        .unwrap();
+    let mut receiver = receiver_on(&consumer, "wake").await;
     let send = async {
         tokio::time::sleep(idle).await;
-        let envelope = Envelope {
-            queue: "wake".into(),
-            processor: "noop".into(),
-            topic: "bench.noop".into(),
-            body: BODY.to_vec(),
-            options: SendOptions::default(),
-        };
+        let envelope = envelope("wake");
         producer.send(vec![envelope]).await.unwrap();
         Instant::now()
     };
