@@ -105,7 +105,9 @@ fn a_delayed_message_is_not_delivered_early() {
     env.run(&["consume", "--queue", "default", "--time-limit", "1s"])
         .assert_success();
     assert!(env.sink().is_empty(), "delivered before its delay");
-    assert_eq!(env.queue_bodies("default"), ["later"]);
+    let waiting: i64 =
+        env.sql(|conn| conn.query_row("SELECT COUNT(*) FROM wasmq_delayed", [], |r| r.get(0)));
+    assert_eq!(waiting, 1, "it waits in wasmq_delayed");
 
     env.run(&["consume", "--queue", "default", "--message-limit", "1"])
         .assert_success();
@@ -335,35 +337,51 @@ fn each_message_gets_a_fresh_instance_unless_reuse_is_configured() {
 }
 
 #[test]
-fn a_message_for_an_unknown_processor_waits_without_using_up_attempts() {
-    let env = Env::new(&scripted_with_sink(""));
+fn a_consumer_claims_only_its_processors_and_orphans_are_dead_lettered() {
+    let env = Env::new(&format!(
+        "[consumer]\nheartbeat_timeout = \"1s\"\norphan_timeout = \"2s\"\n\n{}",
+        scripted_with_sink("")
+    ));
     env.send("test.scripted", "known", &[], &[]);
-    // As if written by a consumer with a newer config, for a processor this one lacks.
+    // As if written by a producer with a newer config, for a processor no consumer has.
+    let now = common::now_ms();
     env.sql(|conn| {
         conn.execute(
             "INSERT INTO wasmq_messages (queue, processor, topic, body, published_at, available_at)
-             VALUES ('default', 'ghost', 'test.ghost', X'00', 0, 0)",
-            [],
+             VALUES ('default', 'ghost', 'test.ghost', X'00', ?1, ?1)",
+            [now],
         )
     });
     env.run(&["consume", "--queue", "default", "--time-limit", "1s"])
         .assert_success();
-    let (attempt, error): (i64, String) = env.sql(|conn| {
+    let (attempt, claimed): (i64, Option<String>) = env.sql(|conn| {
         conn.query_row(
-            "SELECT attempt, last_error FROM wasmq_messages WHERE processor = 'ghost'",
+            "SELECT attempt, claimed_by FROM wasmq_messages WHERE processor = 'ghost'",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
     });
     assert_eq!(
-        attempt, 0,
-        "deferring a message it cannot run does not count as an attempt"
+        (attempt, claimed),
+        (0, None),
+        "a consumer never claims a message for a processor it does not have"
     );
-    assert!(error.contains("\"ghost\""), "{error}");
-    assert!(env.dead_letters().is_empty());
     assert_eq!(
         env.queue_bodies("default").len(),
         1,
         "the known message was processed, the other waits"
     );
+    assert!(env.dead_letters().is_empty());
+
+    // Past orphan_timeout with no consumer that has `ghost`, it is dead-lettered.
+    let out = env.run(&["consume", "--queue", "default", "--time-limit", "2s"]);
+    out.assert_success();
+    let dead = env.dead_letters();
+    assert_eq!(dead.len(), 1, "{}", out.stderr);
+    assert!(
+        dead[0].2.contains("no consumer has processor \"ghost\""),
+        "{}",
+        dead[0].2
+    );
+    assert!(env.queue_bodies("default").is_empty());
 }

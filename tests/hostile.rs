@@ -13,9 +13,9 @@ fn env_with_hostile(plugin: &str, extra: &str) -> Env {
     ))
 }
 
-/// Sends one hostile message, then one good one, consumes both in order, and
-/// returns the dead-letter reason and the consumer's output.
-fn survive(env: &Env) -> (String, common::Output) {
+/// Sends one hostile message, then one good one, consumes both, and checks the good
+/// one was processed; returns the hostile message's id and the consumer's output.
+fn hostile_then_good(env: &Env) -> (String, common::Output) {
     let bad = env.send("hostile", "bad", &[], &[]);
     env.send("test.scripted", "good", &[("x-send", "test.out")], &[]);
     let out = env.run(&[
@@ -35,9 +35,16 @@ fn survive(env: &Env) -> (String, common::Output) {
         out.stderr
     );
     assert_eq!(sink[0]["body"], "good");
+    (bad[0].clone(), out)
+}
+
+/// [`hostile_then_good`], and the hostile message was dead-lettered: returns the
+/// reason and the consumer's output.
+fn survive(env: &Env) -> (String, common::Output) {
+    let (bad, out) = hostile_then_good(env);
     let dead = env.dead_letters();
     assert_eq!(dead.len(), 1, "{}", out.stderr);
-    assert_eq!(dead[0].0, bad[0]);
+    assert_eq!(dead[0].0, bad);
     assert!(
         out.stderr.contains("plugin=hostile") || out.stderr.contains("plugin=\"hostile\""),
         "{}",
@@ -97,18 +104,28 @@ fn a_memory_hog_hits_its_memory_limit() {
 }
 
 #[test]
-fn a_plugin_of_the_wrong_world_fails_its_messages_and_check_names_it() {
+fn a_plugin_of_the_wrong_world_defers_its_messages_and_check_names_it() {
     let env = env_with_hostile("wrong-world.wasm", "");
-    let (reason, out) = survive(&env);
-    assert!(
-        reason.starts_with("instantiate:") && reason.contains("wrong-world.wasm"),
-        "{reason}"
-    );
+    let (_, out) = hostile_then_good(&env);
     assert!(
         out.stderr
             .contains("does not implement world wasmq:plugin/processor"),
         "{}",
         out.stderr
+    );
+    // The plugin is the host's problem, not the message's: it waits, attempt unused.
+    assert!(env.dead_letters().is_empty(), "{}", out.stderr);
+    let (attempt, error): (i64, String) = env.sql(|conn| {
+        conn.query_row(
+            "SELECT attempt, last_error FROM wasmq_delayed WHERE processor = 'hostile'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+    });
+    assert_eq!(attempt, 0, "a deferred delivery gives its attempt back");
+    assert!(
+        error.contains("wrong-world.wasm") && error.contains("does not implement world"),
+        "{error}"
     );
 
     let check = env.run(&["check"]);

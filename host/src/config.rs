@@ -137,18 +137,28 @@ pub struct ConsumerConfig {
     /// delivered again (the consumer died). Consumers renew at a third of it.
     #[serde(default = "default_heartbeat_timeout", deserialize_with = "duration")]
     pub heartbeat_timeout: Duration,
+    /// A message whose processor no consumer has had for this long, and that has
+    /// waited this long, is dead-lettered ("no consumer has processor X"), rather than
+    /// waiting forever for a processor that was renamed or removed.
+    #[serde(default = "default_orphan_timeout", deserialize_with = "duration")]
+    pub orphan_timeout: Duration,
 }
 
 impl Default for ConsumerConfig {
     fn default() -> Self {
         ConsumerConfig {
             heartbeat_timeout: default_heartbeat_timeout(),
+            orphan_timeout: default_orphan_timeout(),
         }
     }
 }
 
 fn default_heartbeat_timeout() -> Duration {
     Duration::from_secs(30)
+}
+
+fn default_orphan_timeout() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 
 /// One `[[processor]]`: a plugin, the topics it handles and how its failures are treated.
@@ -302,6 +312,12 @@ impl Config {
                 self.consumer.heartbeat_timeout
             ));
         }
+        if self.consumer.orphan_timeout < self.consumer.heartbeat_timeout {
+            problems.push(format!(
+                "[consumer] orphan_timeout = {:?} is shorter than heartbeat_timeout: a message would be dead-lettered before a consumer could record that it has the processor; use at least heartbeat_timeout (default \"24h\")",
+                self.consumer.orphan_timeout
+            ));
+        }
         let plugins_dir = self.plugins_dir();
         if !plugins_dir.is_dir() {
             problems.push(format!(
@@ -452,6 +468,7 @@ mod tests {
             Some(&["search.indexed".to_string()][..])
         );
         assert_eq!(c.consumer.heartbeat_timeout, Duration::from_secs(30));
+        assert_eq!(c.consumer.orphan_timeout, Duration::from_secs(24 * 3600));
     }
 
     #[test]

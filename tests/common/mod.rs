@@ -220,7 +220,7 @@ impl Env {
     /// Bodies waiting in a queue, oldest first.
     pub fn queue_bodies(&self, queue: &str) -> Vec<String> {
         self.sql(|conn| {
-            conn.prepare("SELECT body FROM wasmq_messages WHERE queue = ? ORDER BY id")?
+            conn.prepare("SELECT body FROM wasmq_messages WHERE queue = ? ORDER BY seq")?
                 .query_map([queue], |r| {
                     Ok(String::from_utf8_lossy(&r.get::<_, Vec<u8>>(0)?).into_owned())
                 })?
@@ -242,10 +242,8 @@ impl Env {
     /// (id, attempts, error) of every dead letter.
     pub fn dead_letters(&self) -> Vec<(String, i64, String)> {
         self.sql(|conn| {
-            conn.prepare("SELECT id, attempts, error FROM wasmq_dead_letters ORDER BY id")?
-                .query_map([], |r| {
-                    Ok((r.get::<_, i64>(0)?.to_string(), r.get(1)?, r.get(2)?))
-                })?
+            conn.prepare("SELECT id, attempts, error FROM wasmq_dead_letters ORDER BY dead_at, id")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                 .collect()
         })
     }

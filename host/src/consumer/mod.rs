@@ -5,6 +5,12 @@
 //! a claimed message it has no slot for. The permit is given back once the settlement
 //! is handed to the transport; the settlement's durability is awaited afterwards, so
 //! settlements of concurrent messages commit together.
+//!
+//! A message whose last delivery ended without a settlement (its consumer died) runs
+//! alone: it is claimed only when every slot is free, and holds them all until it
+//! settles. If it kills this consumer too, the attempt is charged to it and to no
+//! innocent neighbour, and a message that keeps killing consumers is dead-lettered at
+//! `max_attempts`.
 
 pub mod policy;
 
@@ -15,16 +21,20 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::runtime::processor::{Failure, Outcome, Processed};
+use crate::runtime::processor::Outcome;
 use crate::runtime::registry::{Registry, Slot};
-use crate::transport::{Delivery, ReceiverOptions, Settlement, Transport, TransportError};
+use crate::transport::{
+    Batch, Delivery, ReceiverOptions, Settlement, Subscription, Transport, TransportError,
+};
 
-/// Pause after a transient store error before claiming again.
-const RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// Pause after a transient store error (another process holds the lock) before
+/// claiming again.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
-/// How long a delivery for a processor this consumer does not know waits before it is
-/// offered again (another consumer, or this one after a config change, may know it).
-const UNKNOWN_PROCESSOR_RETRY: Duration = Duration::from_secs(60);
+/// How long a delivery this consumer cannot run (its plugin does not load) waits
+/// before it is offered again: long enough not to churn, short enough that a fixed
+/// plugin soon catches up.
+const CANNOT_RUN_RETRY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct ConsumeOptions {
@@ -35,6 +45,7 @@ pub struct ConsumeOptions {
     pub memory_limit: Option<u64>,
     pub concurrency: usize,
     pub heartbeat_timeout: Duration,
+    pub orphan_timeout: Duration,
 }
 
 /// Why the consumer stopped.
@@ -64,21 +75,32 @@ pub async fn run(
     options: ConsumeOptions,
     shutdown: CancellationToken,
 ) -> Result<StopReason, ConsumeError> {
+    let subscriptions: Vec<Subscription> = registry
+        .processors
+        .iter()
+        .map(|(name, slot)| Subscription {
+            queue: slot.config().queue.clone(),
+            processor: name.clone(),
+        })
+        .filter(|s| options.queues.contains(&s.queue))
+        .collect();
     let mut receiver = transport
         .receiver(ReceiverOptions {
-            queues: options.queues.clone(),
+            subscriptions,
             heartbeat_timeout: options.heartbeat_timeout,
+            orphan_timeout: options.orphan_timeout,
         })
         .await?;
     let stop = shutdown.child_token();
     let deadline = options
         .time_limit
         .map(|limit| tokio::time::Instant::now() + limit);
-    let slots = Arc::new(Semaphore::new(options.concurrency.max(1)));
+    let concurrency = options.concurrency.max(1);
+    let slots = Arc::new(Semaphore::new(concurrency));
     let tasks = TaskTracker::new();
     let settle_failure: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
     let mut claimed: u64 = 0;
-    tracing::info!(queues = ?options.queues, concurrency = options.concurrency, "consumer started");
+    tracing::info!(queues = ?options.queues, concurrency, "consumer started");
 
     let reason = loop {
         if options.message_limit.is_some_and(|limit| claimed >= limit) {
@@ -95,30 +117,56 @@ pub async fn run(
                 break StopReason::MemoryLimit;
             }
         }
-        let first = tokio::select! {
+        let mut held = tokio::select! {
+            biased;
             _ = stop.cancelled() => break StopReason::Signal,
             _ = until(deadline) => break StopReason::TimeLimit,
             permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
         };
-        let room = options.message_limit.map_or(usize::MAX, |limit| {
-            usize::try_from(limit - claimed).unwrap_or(usize::MAX)
-        });
-        let mut permits = vec![first];
-        while permits.len() < room {
+        while held.num_permits() < concurrency {
             match slots.clone().try_acquire_owned() {
-                Ok(permit) => permits.push(permit),
+                Ok(permit) => held.merge(permit),
                 Err(_) => break,
             }
         }
+        let idle = held.num_permits() == concurrency;
+        let room = options.message_limit.map_or(usize::MAX, |limit| {
+            usize::try_from(limit - claimed).unwrap_or(usize::MAX)
+        });
         let batch = tokio::select! {
+            biased;
             _ = stop.cancelled() => break StopReason::Signal,
             _ = until(deadline) => break StopReason::TimeLimit,
-            batch = receiver.next_batch(permits.len()) => batch,
+            batch = receiver.next_batch(held.num_permits().min(room), idle) => batch,
         };
-        let batch = match batch {
-            Ok(batch) => batch,
+        let deliveries = match batch {
+            Ok(Batch::Shared(deliveries)) => deliveries
+                .into_iter()
+                .map(|d| {
+                    let permit = held.split(1).expect("one permit was taken per delivery");
+                    (d, permit)
+                })
+                .collect(),
+            Ok(Batch::Alone(delivery)) => {
+                tracing::info!(processor = %delivery.processor, message_id = %delivery.message.id,
+                    attempt = delivery.message.attempt,
+                    "running a message alone: its last delivery ended without a settlement");
+                vec![(delivery, held)]
+            }
+            Ok(Batch::AloneWaiting) => {
+                // Let what is in flight finish, so the waiting message can run alone.
+                drop(held);
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break StopReason::Signal,
+                    _ = until(deadline) => break StopReason::TimeLimit,
+                    all = slots.clone().acquire_many_owned(concurrency as u32) => drop(all),
+                }
+                continue;
+            }
             Err(e) if e.is_retryable() => {
-                tracing::warn!(error = %e, "cannot claim messages; trying again");
+                tracing::warn!(error = %e, "cannot claim messages yet; trying again");
+                drop(held);
                 tokio::time::sleep(RETRY_PAUSE).await;
                 continue;
             }
@@ -129,8 +177,8 @@ pub async fn run(
                 return Err(e.into());
             }
         };
-        claimed += batch.len() as u64;
-        for (delivery, permit) in batch.into_iter().zip(permits) {
+        claimed += deliveries.len() as u64;
+        for (delivery, permit) in deliveries {
             let registry = registry.clone();
             let stop = stop.clone();
             let settle_failure = settle_failure.clone();
@@ -185,30 +233,21 @@ async fn handle(
     } = delivery;
     let started = Instant::now();
     let (settlement, status) = match registry.processors.get(&name) {
-        None => {
-            tracing::warn!(processor = %name, queue = %queue, message_id = %message.id,
-                "a message is addressed to a processor this consumer does not have; it will be offered again");
-            let settlement = Settlement::Defer {
-                delay: UNKNOWN_PROCESSOR_RETRY,
-                reason: format!("no processor named {name:?} in the consumer's config"),
-            };
-            (settlement, "unknown-processor".to_string())
-        }
-        Some(slot) => {
-            let config = match slot {
-                Slot::Ready(p) => &p.config,
-                Slot::Broken { config, .. } => config,
-            };
+        // Claims are made by processor, so only a config change in flight gets here.
+        None => cannot_run(
+            &name,
+            &queue,
+            &message.id,
+            "this consumer has no such processor",
+        ),
+        // The plugin is the host's problem, not the message's: it waits, attempt unused.
+        Some(Slot::Broken { error, .. }) => cannot_run(&name, &queue, &message.id, error),
+        Some(Slot::Ready(processor)) => {
+            let config = &processor.config;
             match policy::exhausted_by_crashes(config, message.attempt) {
                 Some(settlement) => (settlement, "crash-looped".to_string()),
                 None => {
-                    let processed = match slot {
-                        Slot::Ready(p) => p.process(&message, registry.router.clone()).await,
-                        Slot::Broken { error, .. } => Processed {
-                            outcome: Outcome::Failed(Failure::Instantiate(error.clone())),
-                            sends: Vec::new(),
-                        },
-                    };
+                    let processed = processor.process(&message, registry.router.clone()).await;
                     let status = match &processed.outcome {
                         Outcome::Answered(status) => status.to_string(),
                         Outcome::Failed(failure) => {
@@ -232,4 +271,21 @@ async fn handle(
     let receipt = handle.settle(settlement).await?;
     drop(permit);
     receipt.await
+}
+
+/// A delivery this consumer cannot run is offered again later without using up an
+/// attempt.
+fn cannot_run(processor: &str, queue: &str, message_id: &str, why: &str) -> (Settlement, String) {
+    tracing::warn!(
+        processor,
+        queue,
+        message_id,
+        reason = why,
+        "cannot run a message's processor; it is offered again later without using an attempt"
+    );
+    let settlement = Settlement::Defer {
+        delay: CANNOT_RUN_RETRY,
+        reason: format!("processor {processor:?} cannot run: {why}"),
+    };
+    (settlement, "deferred".to_string())
 }

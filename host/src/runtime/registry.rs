@@ -21,6 +21,16 @@ pub enum Slot {
     },
 }
 
+impl Slot {
+    /// The processor's config, loaded or not.
+    pub fn config(&self) -> &ProcessorConfig {
+        match self {
+            Slot::Ready(p) => &p.config,
+            Slot::Broken { config, .. } => config,
+        }
+    }
+}
+
 pub struct Registry {
     pub processors: BTreeMap<String, Slot>,
     pub router: Arc<Router>,

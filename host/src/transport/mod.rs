@@ -57,17 +57,19 @@ impl Dsn {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TransportError {
+    // The causes are printed in the text and not chained as `source`, so `{:#}` says
+    // each once.
     #[error(
-        "cannot open the message store {what}: {source}; check the path in [transport] dsn and its folder's permissions"
+        "cannot open the message store {what}: {cause}; check the path in [transport] dsn and its folder's permissions"
     )]
     Open {
         what: String,
-        source: rusqlite::Error,
+        cause: rusqlite::Error,
     },
-    #[error("message store query failed while {doing}: {source}")]
+    #[error("message store query failed while {doing}: {cause}")]
     Query {
         doing: &'static str,
-        source: rusqlite::Error,
+        cause: rusqlite::Error,
     },
     #[error(
         "the message store schema is version {found}, newer than this wasmq knows ({known}): upgrade wasmq"
@@ -87,8 +89,8 @@ impl TransportError {
     /// that will repeat.
     pub fn is_retryable(&self) -> bool {
         match self {
-            TransportError::Query { source, .. } | TransportError::Open { source, .. } => matches!(
-                source.sqlite_error_code(),
+            TransportError::Query { cause, .. } | TransportError::Open { cause, .. } => matches!(
+                cause.sqlite_error_code(),
                 Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
             ),
             _ => false,
@@ -105,7 +107,7 @@ pub enum Settlement {
     /// Make it visible again after `delay`, recording why.
     Retry { delay: Duration, error: String },
     /// Offer it again after `delay` without counting this delivery as an attempt: the
-    /// consumer could not run it at all (it has no such processor).
+    /// consumer could not run it at all (its plugin cannot be loaded).
     Defer { delay: Duration, reason: String },
     /// Move it to the dead-letter store with the reason.
     DeadLetter { error: String },
@@ -146,12 +148,27 @@ impl fmt::Debug for Delivery {
     }
 }
 
+/// What a claim brought.
+#[derive(Debug)]
+pub enum Batch {
+    /// Deliveries to run side by side.
+    Shared(Vec<Delivery>),
+    /// A delivery whose previous delivery ended without a settlement (its consumer
+    /// died, perhaps because of it): it runs with nothing else in flight, so a crash
+    /// is charged to the message that caused it.
+    Alone(Delivery),
+    /// Such a delivery is waiting: finish what is in flight, then claim again with
+    /// `idle = true`.
+    AloneWaiting,
+}
+
 /// One consumer's view of its queues.
 #[async_trait]
 pub trait Receiver: Send {
-    /// Waits for at least one and at most `max` deliveries. Cancel-safe: dropping the
-    /// future claims nothing.
-    async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>, TransportError>;
+    /// Waits until something can be claimed, and claims at most `max` deliveries.
+    /// `idle` says the consumer has nothing in flight, so it may take a delivery that
+    /// must run alone. Cancel-safe: dropping the future claims nothing.
+    async fn next_batch(&mut self, max: usize, idle: bool) -> Result<Batch, TransportError>;
 
     /// Waits until every settlement handed out is durable, then releases the consumer's
     /// registration.
@@ -174,12 +191,22 @@ pub struct DeadLetter {
     pub error: String,
 }
 
+/// One processor a consumer can run, and the queue its deliveries wait in.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Subscription {
+    pub queue: String,
+    pub processor: String,
+}
+
 /// Consumer-side settings a receiver needs.
 #[derive(Debug, Clone)]
 pub struct ReceiverOptions {
-    pub queues: Vec<String>,
+    /// What this consumer claims: only deliveries for processors it has.
+    pub subscriptions: Vec<Subscription>,
     /// Claims not renewed for this long are taken over by other consumers.
     pub heartbeat_timeout: Duration,
+    /// A message no consumer has had its processor for this long is dead-lettered.
+    pub orphan_timeout: Duration,
 }
 
 /// A message store.

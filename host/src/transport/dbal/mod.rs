@@ -26,7 +26,7 @@ pub fn decode_headers(text: &str) -> Vec<(String, String)> {
 
 /// Wraps a database error with what we were doing.
 pub(crate) fn query_error(doing: &'static str) -> impl FnOnce(rusqlite::Error) -> TransportError {
-    move |source| TransportError::Query { doing, source }
+    move |cause| TransportError::Query { doing, cause }
 }
 
 #[cfg(test)]

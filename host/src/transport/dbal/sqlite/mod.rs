@@ -55,7 +55,7 @@ impl SqliteTransport {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| TransportError::Open {
                 what: format!("{path:?}"),
-                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+                cause: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
             })?;
         }
         let mut conn = connect(path, Sync::Full)?;
@@ -76,9 +76,9 @@ impl SqliteTransport {
 }
 
 pub(crate) fn connect(path: &Path, sync: Sync) -> Result<Connection, TransportError> {
-    let open_error = |source| TransportError::Open {
+    let open_error = |cause| TransportError::Open {
         what: format!("{path:?}"),
-        source,
+        cause,
     };
     let conn = Connection::open(path).map_err(open_error)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(open_error)?;
@@ -97,25 +97,37 @@ pub(crate) fn connect(path: &Path, sync: Sync) -> Result<Connection, TransportEr
     Ok(conn)
 }
 
-/// Inserts envelopes (visible after their delay, counted from `now`) and returns
-/// their ids in the order given. Runs inside the caller's transaction.
+/// A new message id: a UUIDv7, which never repeats, sorts by creation time, and is the
+/// same kind of id on every transport.
+pub(crate) fn new_message_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Inserts envelopes (those with a delay into `wasmq_delayed`, due `delay` after
+/// `now`) and returns their new message ids in the order given. Runs inside the
+/// caller's transaction.
 pub(crate) fn insert_envelopes(
     conn: &Connection,
     envelopes: &[Envelope],
     now: i64,
-) -> Result<Vec<i64>, TransportError> {
-    let mut insert = conn
-        .prepare_cached(
-            "INSERT INTO wasmq_messages (queue, processor, topic, body, headers, priority, published_at, available_at, attempt)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
-        )
-        .map_err(query_error("preparing to store messages"))?;
+) -> Result<Vec<String>, TransportError> {
     envelopes
         .iter()
         .map(|e| {
+            let id = new_message_id();
             let delay = i64::try_from(e.options.delay.as_millis()).unwrap_or(i64::MAX / 4);
-            insert
-                .execute(params![
+            let table = if delay > 0 {
+                "wasmq_delayed"
+            } else {
+                "wasmq_messages"
+            };
+            conn.prepare_cached(&format!(
+                "INSERT INTO {table} (id, queue, processor, topic, body, headers, priority, published_at, available_at, attempt)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
+            ))
+            .and_then(|mut insert| {
+                insert.execute(params![
+                    id,
                     e.queue,
                     e.processor,
                     e.topic,
@@ -125,15 +137,16 @@ pub(crate) fn insert_envelopes(
                     now,
                     now.saturating_add(delay),
                 ])
-                .map_err(query_error("storing messages"))?;
-            Ok(conn.last_insert_rowid())
+            })
+            .map_err(query_error("storing messages"))?;
+            Ok(id)
         })
         .collect()
 }
 
 fn dead_letter_from_row(row: &Row<'_>) -> rusqlite::Result<DeadLetter> {
     Ok(DeadLetter {
-        id: row.get::<_, i64>("id")?.to_string(),
+        id: row.get("id")?,
         queue: row.get("queue")?,
         processor: row.get("processor")?,
         topic: row.get("topic")?,
@@ -150,12 +163,6 @@ fn dead_letter_from_row(row: &Row<'_>) -> rusqlite::Result<DeadLetter> {
     })
 }
 
-fn parse_id(id: &str) -> Result<i64, TransportError> {
-    id.trim()
-        .parse()
-        .map_err(|_| TransportError::DeadLetterNotFound(id.to_string()))
-}
-
 #[async_trait]
 impl Transport for SqliteTransport {
     async fn send(&self, envelopes: Vec<Envelope>) -> Result<Vec<String>, TransportError> {
@@ -165,7 +172,7 @@ impl Transport for SqliteTransport {
             .map_err(query_error("starting a send"))?;
         let ids = insert_envelopes(&tx, &envelopes, now_ms())?;
         tx.commit().map_err(query_error("committing a send"))?;
-        Ok(ids.into_iter().map(|id| id.to_string()).collect())
+        Ok(ids)
     }
 
     async fn receiver(
@@ -173,10 +180,10 @@ impl Transport for SqliteTransport {
         options: ReceiverOptions,
     ) -> Result<Box<dyn Receiver>, TransportError> {
         let writer = connect(&self.path, Sync::Normal)?;
-        // A consumer must not wait for another process's lock longer than its claims
-        // last, or they expire while it waits: a failed claim or renewal is retried.
+        // A wait for another process's lock blocks the consumer's thread: keep it
+        // short and let the consumer try again (see consumer::CONSUMER_BUSY_TIMEOUT).
         writer
-            .busy_timeout(BUSY_TIMEOUT.min(options.heartbeat_timeout / 4))
+            .busy_timeout(consumer::CONSUMER_BUSY_TIMEOUT.min(options.heartbeat_timeout / 4))
             .map_err(query_error("setting the consumer's busy timeout"))?;
         let watcher = connect(&self.path, Sync::Normal)?;
         Ok(Box::new(consumer::SqliteReceiver::start(
@@ -198,7 +205,7 @@ impl Transport for SqliteTransport {
         self.conn()
             .query_row(
                 "SELECT * FROM wasmq_dead_letters WHERE id = ?",
-                [parse_id(id)?],
+                [id.trim()],
                 dead_letter_from_row,
             )
             .optional()
@@ -207,24 +214,24 @@ impl Transport for SqliteTransport {
     }
 
     async fn replay_dead_letter(&self, id: &str) -> Result<(), TransportError> {
-        let numeric = parse_id(id)?;
+        let id = id.trim();
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(query_error("starting a replay"))?;
-        // The original id is free: AUTOINCREMENT never hands out an id twice.
+        // The message keeps its id; it goes to the back of its priority (a new `seq`).
         let moved = tx
             .execute(
                 "INSERT INTO wasmq_messages (id, queue, processor, topic, body, headers, priority, published_at, available_at, attempt)
                  SELECT id, queue, processor, topic, body, headers, priority, published_at, ?, 0
                  FROM wasmq_dead_letters WHERE id = ?",
-                params![now_ms(), numeric],
+                params![now_ms(), id],
             )
             .map_err(query_error("replaying a dead letter"))?;
         if moved == 0 {
             return Err(TransportError::DeadLetterNotFound(id.to_string()));
         }
-        tx.execute("DELETE FROM wasmq_dead_letters WHERE id = ?", [numeric])
+        tx.execute("DELETE FROM wasmq_dead_letters WHERE id = ?", [id])
             .map_err(query_error("removing a replayed dead letter"))?;
         tx.commit().map_err(query_error("committing a replay"))
     }

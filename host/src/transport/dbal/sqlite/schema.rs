@@ -44,6 +44,85 @@ const MIGRATIONS: &[&str] = &[
         error        TEXT    NOT NULL,
         dead_at      INTEGER NOT NULL
     );",
+    // 2: string message ids, delayed rows apart, claims by queue and processor.
+    // - `id` is the message id (a UUIDv7 from wasmq; a random hex string for rows a
+    //   foreign SQL client inserts without one); `seq` only orders rows. Existing rows
+    //   keep their id, as text.
+    // - Rows not yet due (a delay or a retry backoff) wait in `wasmq_delayed`, and a
+    //   claim moves those that are due. The queue table then holds only what can be
+    //   claimed now and what is in flight, so a claim never walks past a million
+    //   delayed rows.
+    // - A partial index finds the claims in flight: expired ones (their consumer
+    //   died) and the earliest lease end, without scanning the queue.
+    // - `wasmq_processors` records when a consumer last had each processor, so a
+    //   message nobody can run is dead-lettered after `orphan_timeout`.
+    "CREATE TABLE wasmq_messages_v2 (
+        seq          INTEGER PRIMARY KEY,
+        id           TEXT    NOT NULL DEFAULT (lower(hex(randomblob(16)))),
+        queue        TEXT    NOT NULL,
+        processor    TEXT    NOT NULL,
+        topic        TEXT    NOT NULL,
+        body         BLOB    NOT NULL,
+        headers      TEXT    NOT NULL DEFAULT '[]',
+        priority     INTEGER NOT NULL DEFAULT 2,
+        published_at INTEGER NOT NULL,
+        -- when the row became claimable, or, while claimed, when the lease ends
+        available_at INTEGER NOT NULL,
+        attempt      INTEGER NOT NULL DEFAULT 0,
+        claimed_by   TEXT,
+        last_error   TEXT
+    );
+    INSERT INTO wasmq_messages_v2 (seq, id, queue, processor, topic, body, headers, priority,
+                                   published_at, available_at, attempt, claimed_by, last_error)
+        SELECT id, CAST(id AS TEXT), queue, processor, topic, body, headers, priority,
+               published_at, available_at, attempt, claimed_by, last_error
+        FROM wasmq_messages;
+    DROP TABLE wasmq_messages;
+    ALTER TABLE wasmq_messages_v2 RENAME TO wasmq_messages;
+    CREATE INDEX wasmq_messages_claim ON wasmq_messages (queue, processor, priority DESC, seq);
+    CREATE INDEX wasmq_messages_leases ON wasmq_messages (available_at) WHERE claimed_by IS NOT NULL;
+    CREATE TABLE wasmq_delayed (
+        seq          INTEGER PRIMARY KEY,
+        id           TEXT    NOT NULL,
+        queue        TEXT    NOT NULL,
+        processor    TEXT    NOT NULL,
+        topic        TEXT    NOT NULL,
+        body         BLOB    NOT NULL,
+        headers      TEXT    NOT NULL DEFAULT '[]',
+        priority     INTEGER NOT NULL DEFAULT 2,
+        published_at INTEGER NOT NULL,
+        -- when the row moves to wasmq_messages
+        available_at INTEGER NOT NULL,
+        attempt      INTEGER NOT NULL DEFAULT 0,
+        last_error   TEXT
+    );
+    CREATE INDEX wasmq_delayed_due ON wasmq_delayed (available_at);
+    CREATE TABLE wasmq_dead_letters_v2 (
+        id           TEXT    PRIMARY KEY,
+        queue        TEXT    NOT NULL,
+        processor    TEXT    NOT NULL,
+        topic        TEXT    NOT NULL,
+        body         BLOB    NOT NULL,
+        headers      TEXT    NOT NULL,
+        priority     INTEGER NOT NULL,
+        published_at INTEGER NOT NULL,
+        attempts     INTEGER NOT NULL,
+        error        TEXT    NOT NULL,
+        dead_at      INTEGER NOT NULL
+    );
+    INSERT INTO wasmq_dead_letters_v2
+        SELECT CAST(id AS TEXT), queue, processor, topic, body, headers, priority,
+               published_at, attempts, error, dead_at
+        FROM wasmq_dead_letters;
+    DROP TABLE wasmq_dead_letters;
+    ALTER TABLE wasmq_dead_letters_v2 RENAME TO wasmq_dead_letters;
+    CREATE INDEX wasmq_dead_letters_age ON wasmq_dead_letters (dead_at);
+    CREATE TABLE wasmq_processors (
+        queue     TEXT    NOT NULL,
+        processor TEXT    NOT NULL,
+        seen_at   INTEGER NOT NULL,
+        PRIMARY KEY (queue, processor)
+    );",
 ];
 
 /// Brings the schema up to date.

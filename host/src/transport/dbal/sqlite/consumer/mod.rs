@@ -1,0 +1,589 @@
+//! One consumer's side of the SQLite transport: claims, settlements, leases.
+//!
+//! - [`claim`]: what a consumer may claim, and looking before locking.
+//! - [`settle`]: settlements, conditioned on the claim still being ours.
+//! - [`lease`]: the heartbeat that renews claims, records the processors this
+//!   consumer has, and dead-letters messages that no consumer can run.
+//!
+//! Group commit without a writer thread: a settling task queues its settlement and
+//! yields. The consumer's next claim commits everything queued in the same
+//! transaction as the claim, so a busy consumer writes once per batch rather than once
+//! per message. A settlement still queued when its task runs again is committed by
+//! that task itself, together with whatever else is queued; whoever holds the
+//! connection commits the queue before letting go, so nothing queued is stranded.
+//!
+//! Lock waits: the consumer's connection waits only briefly for another process's
+//! write lock ([`CONSUMER_BUSY_TIMEOUT`]), since the wait blocks its thread. A claim
+//! that cannot get the lock is tried again by the consumer; a settlement stays queued
+//! and is tried again until it commits. A long lock (a `VACUUM`, an open `sqlite3`
+//! shell) delays a consumer, never stops it.
+//!
+//! Waking up: another process's `wasmq send` cannot signal us, so an idle receiver
+//! polls `PRAGMA data_version` on a second connection (it changes when any other
+//! connection commits, and reads shared memory, not the file) every 1 ms, backing off
+//! to 5 ms, and also wakes when the earliest delayed message or another consumer's
+//! lease is due. On waking it first looks, with a read that takes no lock, whether
+//! anything is claimable, so idle consumers do not queue for the write lock after
+//! every commit anywhere.
+
+mod claim;
+mod lease;
+mod settle;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, Transaction, TransactionBehavior};
+use tokio::task::JoinHandle;
+
+use crate::message::now_ms;
+use crate::transport::dbal::query_error;
+use crate::transport::{Batch, Delivery, Receiver, ReceiverOptions, TransportError};
+use claim::{ClaimSql, ClaimedRow, promote_due};
+use settle::{Pending, SqliteSettle};
+
+/// How long a consumer's statement waits for another process's write lock before it
+/// gives up and tries again later: the wait blocks the consumer's thread (its plugin
+/// calls, its signal handling), so it is short.
+pub(crate) const CONSUMER_BUSY_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// First idle poll interval: a send from another process is seen within about this.
+const MIN_IDLE_POLL: Duration = Duration::from_millis(1);
+/// Longest idle poll interval: bounds wake-up latency when idle for long.
+const MAX_IDLE_POLL: Duration = Duration::from_millis(5);
+/// An idle consumer looks for claimable rows at least this often even when nothing
+/// changed: a row a foreign client inserted with a future `available_at` wakes no one.
+const LOOK_ANYWAY: Duration = Duration::from_secs(1);
+
+/// The claimed rows of one consumer and the connection that writes them.
+struct Shared {
+    conn: Mutex<Connection>,
+    /// Settlements waiting for the next holder of `conn` to commit them.
+    pending: Mutex<Vec<Pending>>,
+    /// Claimed and not yet settled, by `seq`, with the message id: the claims the
+    /// heartbeat renews.
+    in_flight: Mutex<HashMap<i64, String>>,
+    /// Claims known to be lost, so each loss is logged once.
+    lost: Mutex<HashSet<i64>>,
+    /// Marks this consumer's claims; random, so a restarted consumer never mistakes a
+    /// dead predecessor's claims for its own.
+    consumer_id: String,
+    /// How far each claim or renewal pushes the lease end.
+    lease_ms: i64,
+    sql: ClaimSql,
+}
+
+/// What one claim transaction found.
+enum Claimed {
+    Shared(Vec<ClaimedRow>),
+    Alone(ClaimedRow),
+    AloneWaiting,
+    Nothing,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a lock cannot leave SQLite inconsistent (an open
+    // transaction rolls back when its guard drops), so a poisoned lock is usable.
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn take_pending(&self) -> Vec<Pending> {
+        std::mem::take(&mut *lock(&self.pending))
+    }
+
+    /// Puts settlements that could not be committed back at the front of the queue.
+    fn requeue(&self, batch: Vec<Pending>) {
+        let mut pending = lock(&self.pending);
+        let later = std::mem::replace(&mut *pending, batch);
+        pending.extend(later);
+    }
+
+    /// Runs `work` in one transaction together with every queued settlement, answers
+    /// the settlements, then commits what was queued meanwhile. On failure the
+    /// settlements stay queued for the next try.
+    fn transact<R>(
+        &self,
+        doing: &'static str,
+        work: impl FnOnce(&Transaction<'_>, &[Pending]) -> Result<R, TransportError>,
+    ) -> Result<R, TransportError> {
+        let mut conn = lock(&self.conn);
+        let batch = self.take_pending();
+        let result = (|| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(query_error(doing))?;
+            self.apply(&tx, &batch)?;
+            let result = work(&tx, &batch)?;
+            tx.commit().map_err(query_error(doing))?;
+            Ok(result)
+        })();
+        match &result {
+            Ok(_) => self.settled(batch),
+            Err(_) => self.requeue(batch),
+        }
+        let _ = self.drain_with(conn);
+        result
+    }
+
+    /// Commits every queued settlement, waiting for the connection.
+    fn drain(&self) -> Result<(), TransportError> {
+        self.drain_with(lock(&self.conn))
+    }
+
+    /// Commits queued settlements while holding the connection; after letting go,
+    /// looks again, so that a settlement queued while the lock was held (by a task
+    /// that then found the lock busy) is never stranded. A lock held by another
+    /// process leaves them queued and returns the (retryable) error; any other error
+    /// is answered to each settlement.
+    fn drain_with<'a>(
+        &'a self,
+        mut conn: MutexGuard<'a, Connection>,
+    ) -> Result<(), TransportError> {
+        loop {
+            let batch = self.take_pending();
+            if !batch.is_empty() {
+                let result = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(query_error("starting a settlement"))
+                    .and_then(|tx| {
+                        self.apply(&tx, &batch)?;
+                        tx.commit().map_err(query_error("committing settlements"))
+                    });
+                match result {
+                    Ok(()) => self.settled(batch),
+                    Err(e) if e.is_retryable() => {
+                        self.requeue(batch);
+                        return Err(e);
+                    }
+                    Err(e) => {
+                        for pending in batch {
+                            if let Some(reply) = pending.reply {
+                                let _ = reply.send(Err(TransportError::Settle(e.to_string())));
+                            }
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            drop(conn);
+            if lock(&self.pending).is_empty() {
+                return Ok(());
+            }
+            conn = match self.conn.try_lock() {
+                Ok(conn) => conn,
+                // Its holder drains on release.
+                Err(_) => return Ok(()),
+            };
+        }
+    }
+
+    /// After a commit: the settled rows need no more renewal; tell their tasks.
+    fn settled(&self, batch: Vec<Pending>) {
+        {
+            let mut in_flight = lock(&self.in_flight);
+            for pending in &batch {
+                in_flight.remove(&pending.seq);
+            }
+        }
+        for pending in batch {
+            if let Some(reply) = pending.reply {
+                let _ = reply.send(Ok(()));
+            }
+        }
+    }
+
+    /// The claim transaction: due delayed rows move to their queues, then a row that
+    /// must run alone is taken (when the consumer is idle) or waited for, else up to
+    /// `max` rows are claimed.
+    fn claim(
+        &self,
+        tx: &Transaction<'_>,
+        max: usize,
+        idle: bool,
+    ) -> Result<Claimed, TransportError> {
+        let now = now_ms();
+        let lease_end = now + self.lease_ms;
+        promote_due(tx, now)?;
+        let claimed = if idle {
+            match self
+                .sql
+                .claim_alone(tx, &self.consumer_id, lease_end, now)?
+            {
+                Some(row) => Claimed::Alone(row),
+                None => self.claim_shared(tx, lease_end, now, max)?,
+            }
+        } else if self.sql.alone_waiting(tx, &self.consumer_id, now)? {
+            Claimed::AloneWaiting
+        } else {
+            self.claim_shared(tx, lease_end, now, max)?
+        };
+        Ok(claimed)
+    }
+
+    /// After the claim committed: the heartbeat renews these rows from now on.
+    fn track<'a>(&self, rows: impl IntoIterator<Item = &'a ClaimedRow>) {
+        lock(&self.in_flight).extend(rows.into_iter().map(|r| (r.seq, r.message.id.clone())));
+    }
+
+    fn claim_shared(
+        &self,
+        tx: &Transaction<'_>,
+        lease_end: i64,
+        now: i64,
+        max: usize,
+    ) -> Result<Claimed, TransportError> {
+        let rows = self
+            .sql
+            .claim_shared(tx, &self.consumer_id, lease_end, now, max)?;
+        Ok(if rows.is_empty() {
+            Claimed::Nothing
+        } else {
+            Claimed::Shared(rows)
+        })
+    }
+
+    /// Logs a lost claim once per message: from the heartbeat that found it, or from
+    /// the settlement it voids.
+    fn claim_lost(&self, seq: i64, message_id: &str, settling: bool) {
+        let first = {
+            let mut lost = lock(&self.lost);
+            if settling {
+                !lost.remove(&seq)
+            } else {
+                lost.insert(seq)
+            }
+        };
+        if first {
+            tracing::warn!(
+                message_id,
+                "lost the claim on a message: this consumer stalled past its lease and another one took the message over; its settlement and sends are discarded, the new holder produces them"
+            );
+        }
+    }
+}
+
+pub struct SqliteReceiver {
+    shared: Arc<Shared>,
+    watcher: Connection,
+    data_version: i64,
+    heartbeat: JoinHandle<()>,
+}
+
+impl SqliteReceiver {
+    pub fn start(
+        writer: Connection,
+        watcher: Connection,
+        options: ReceiverOptions,
+    ) -> Result<SqliteReceiver, TransportError> {
+        let data_version = data_version(&watcher)?;
+        let shared = Arc::new(Shared {
+            conn: Mutex::new(writer),
+            pending: Mutex::new(Vec::new()),
+            in_flight: Mutex::new(HashMap::new()),
+            lost: Mutex::new(HashSet::new()),
+            consumer_id: uuid::Uuid::new_v4().to_string(),
+            lease_ms: i64::try_from(options.heartbeat_timeout.as_millis()).unwrap_or(i64::MAX / 4),
+            sql: ClaimSql::new(&options.subscriptions),
+        });
+        let heartbeat = tokio::spawn(lease::heartbeat(shared.clone(), options));
+        Ok(SqliteReceiver {
+            shared,
+            watcher,
+            data_version,
+            heartbeat,
+        })
+    }
+
+    /// Sleeps until something may have become claimable: another connection
+    /// committed, a delayed row or a lease falls due, or [`LOOK_ANYWAY`] passed. Always
+    /// sleeps a little, so no path of `next_batch` can loop without yielding.
+    async fn wait_for_change(&mut self, next_due_ms: Option<i64>) -> Result<(), TransportError> {
+        let mut interval = MIN_IDLE_POLL;
+        let give_up = tokio::time::Instant::now() + LOOK_ANYWAY;
+        loop {
+            let until_due =
+                next_due_ms.map(|due| Duration::from_millis((due - now_ms()).max(0) as u64));
+            let nap = until_due
+                .map_or(interval, |d| d.min(interval))
+                .max(MIN_IDLE_POLL);
+            tokio::time::sleep(nap).await;
+            if until_due.is_some_and(|d| d <= nap) || tokio::time::Instant::now() >= give_up {
+                return Ok(());
+            }
+            let version = data_version(&self.watcher)?;
+            if version != self.data_version {
+                self.data_version = version;
+                return Ok(());
+            }
+            interval = (interval * 2).min(MAX_IDLE_POLL);
+        }
+    }
+
+    fn delivery(&self, row: ClaimedRow) -> Delivery {
+        Delivery {
+            handle: Box::new(SqliteSettle {
+                seq: row.seq,
+                message_id: row.message.id.clone(),
+                shared: Some(self.shared.clone()),
+            }),
+            message: row.message,
+            processor: row.processor,
+            queue: row.queue,
+        }
+    }
+}
+
+impl Drop for SqliteReceiver {
+    /// A receiver dropped without `close` (an error path) stops renewing its claims, so
+    /// they expire and are redelivered.
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+    }
+}
+
+fn data_version(conn: &Connection) -> Result<i64, TransportError> {
+    conn.query_row("PRAGMA data_version", [], |row| row.get(0))
+        .map_err(query_error("watching for new messages"))
+}
+
+#[async_trait]
+impl Receiver for SqliteReceiver {
+    async fn next_batch(&mut self, max: usize, idle: bool) -> Result<Batch, TransportError> {
+        let mut look_first = false;
+        loop {
+            let now = now_ms();
+            // Idle and nothing to commit: a read decides whether the write lock is
+            // worth taking.
+            let worth_it = !look_first
+                || !lock(&self.shared.pending).is_empty()
+                || self
+                    .shared
+                    .sql
+                    .look(&self.watcher, &self.shared.consumer_id, now)?;
+            if worth_it {
+                // Claiming runs to completion before the next await: dropping this
+                // future can never leave rows claimed and undelivered.
+                let claimed = self.shared.transact("claiming messages", |tx, _| {
+                    self.shared.claim(tx, max, idle)
+                })?;
+                match claimed {
+                    Claimed::Shared(rows) => {
+                        self.shared.track(&rows);
+                        return Ok(Batch::Shared(
+                            rows.into_iter().map(|row| self.delivery(row)).collect(),
+                        ));
+                    }
+                    Claimed::Alone(row) => {
+                        self.shared.track([&row]);
+                        return Ok(Batch::Alone(self.delivery(row)));
+                    }
+                    Claimed::AloneWaiting => return Ok(Batch::AloneWaiting),
+                    Claimed::Nothing => {}
+                }
+            }
+            look_first = true;
+            let next_due = self
+                .shared
+                .sql
+                .next_due(&self.watcher, &self.shared.consumer_id)?;
+            self.wait_for_change(next_due).await?;
+        }
+    }
+
+    async fn close(self: Box<Self>) -> Result<(), TransportError> {
+        self.heartbeat.abort();
+        // Every settling task has committed or seen its settlement committed; a last
+        // drain catches any stragglers, waiting out another process's lock.
+        loop {
+            match self.shared.drain() {
+                Err(e) if e.is_retryable() => tokio::time::sleep(MAX_IDLE_POLL * 10).await,
+                other => return other,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::message::{Envelope, SendOptions};
+    use crate::transport::dbal::sqlite::SqliteTransport;
+    use crate::transport::{
+        Batch, Delivery, Receiver, ReceiverOptions, Settlement, Subscription, Transport,
+    };
+
+    fn envelope(topic: &str, body: &str) -> Envelope {
+        Envelope {
+            queue: "q".into(),
+            processor: "p".into(),
+            topic: topic.into(),
+            body: body.into(),
+            options: SendOptions::default(),
+        }
+    }
+
+    async fn receiver(transport: &SqliteTransport) -> Box<dyn Receiver> {
+        transport
+            .receiver(ReceiverOptions {
+                subscriptions: vec![Subscription {
+                    queue: "q".into(),
+                    processor: "p".into(),
+                }],
+                heartbeat_timeout: Duration::from_secs(30),
+                orphan_timeout: Duration::from_secs(3600),
+            })
+            .await
+            .unwrap()
+    }
+
+    async fn one(receiver: &mut Box<dyn Receiver>, idle: bool) -> (Delivery, bool) {
+        match tokio::time::timeout(Duration::from_secs(5), receiver.next_batch(1, idle))
+            .await
+            .expect("a delivery within 5 s")
+            .unwrap()
+        {
+            Batch::Shared(mut d) => (d.remove(0), false),
+            Batch::Alone(d) => (d, true),
+            Batch::AloneWaiting => panic!("expected a delivery"),
+        }
+    }
+
+    fn count(path: &std::path::Path, sql: &str) -> i64 {
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .query_row(sql, [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_delivery_dropped_unsettled_releases_its_claim_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.sqlite");
+        let transport = SqliteTransport::open(&path).await.unwrap();
+        let ids = transport.send(vec![envelope("t", "x")]).await.unwrap();
+        let mut receiver = receiver(&transport).await;
+        let (delivery, _) = one(&mut receiver, true).await;
+        assert_eq!(delivery.message.id, ids[0]);
+        let task = tokio::spawn(async move {
+            let _held = delivery;
+            panic!("a delivery task panics");
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        // Redelivered at once (no lease to wait out), the crashed attempt counted.
+        let (again, _) = one(&mut receiver, true).await;
+        assert_eq!(again.message.id, ids[0]);
+        assert_eq!(again.message.attempt, 2);
+        again
+            .handle
+            .settle(Settlement::Drop)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(count(&path, "SELECT COUNT(*) FROM wasmq_messages"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_consumer_that_lost_its_claim_commits_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.sqlite");
+        let transport = SqliteTransport::open(&path).await.unwrap();
+        transport.send(vec![envelope("t", "x")]).await.unwrap();
+        let mut a = receiver(&transport).await;
+        let mut b = receiver(&transport).await;
+        let (stalled, _) = one(&mut a, true).await;
+        // A stalls past its lease: as if its heartbeat had not run for 30 s.
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute("UPDATE wasmq_messages SET available_at = 0", [])
+            .unwrap();
+        let (taken_over, alone) = one(&mut b, true).await;
+        assert!(alone, "a message whose claim expired runs alone");
+        assert_eq!(taken_over.message.id, stalled.message.id);
+        assert_eq!(taken_over.message.attempt, 2);
+        let ack = |body: &str| Settlement::Ack {
+            sends: vec![envelope("out", body)],
+        };
+        taken_over
+            .handle
+            .settle(ack("from b"))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        stalled
+            .handle
+            .settle(ack("from a"))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let sends = rusqlite::Connection::open(&path)
+            .unwrap()
+            .query_row(
+                "SELECT group_concat(CAST(body AS TEXT)) FROM wasmq_messages WHERE topic = 'out'",
+                [],
+                |r| r.get::<_, String>(0),
+            )
+            .unwrap();
+        assert_eq!(
+            sends, "from b",
+            "the stalled consumer's sends are discarded"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_busy_consumer_waits_for_a_message_that_must_run_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.sqlite");
+        let transport = SqliteTransport::open(&path).await.unwrap();
+        transport
+            .send(vec![envelope("t", "crashed"), envelope("t", "fresh")])
+            .await
+            .unwrap();
+        let mut dead = receiver(&transport).await;
+        let (crashed, _) = one(&mut dead, true).await;
+        drop(dead);
+        std::mem::forget(crashed); // its consumer died: no settlement, no release
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute(
+                "UPDATE wasmq_messages SET available_at = 0 WHERE claimed_by IS NOT NULL",
+                [],
+            )
+            .unwrap();
+        let mut next = receiver(&transport).await;
+        assert!(matches!(
+            next.next_batch(4, false).await.unwrap(),
+            Batch::AloneWaiting
+        ));
+        let (alone, is_alone) = one(&mut next, true).await;
+        assert!(is_alone);
+        assert_eq!(String::from_utf8_lossy(&alone.message.body), "crashed");
+    }
+
+    #[tokio::test]
+    async fn delayed_messages_wait_in_their_own_table_until_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.sqlite");
+        let transport = SqliteTransport::open(&path).await.unwrap();
+        let mut later = envelope("t", "later");
+        later.options.delay = Duration::from_millis(300);
+        transport.send(vec![later]).await.unwrap();
+        assert_eq!(count(&path, "SELECT COUNT(*) FROM wasmq_delayed"), 1);
+        let mut r = receiver(&transport).await;
+        let started = std::time::Instant::now();
+        let (d, _) = one(&mut r, true).await;
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(d.message.attempt, 1);
+        assert_eq!(count(&path, "SELECT COUNT(*) FROM wasmq_delayed"), 0);
+    }
+}
