@@ -11,6 +11,9 @@
 //!     with the fresh call broken into its phases.
 //! (d) wake-up latency: an idle receiver against a send committed by another
 //!     connection, as `wasmq send` from another process would.
+//! (e) claim latency with a million delayed rows waiting, against none.
+//! (f) the raw loop alone, and with idle consumers on another queue beside it (they
+//!     wake at each of its commits and must look, not lock).
 //!
 //! Prints medians over ROUNDS rounds, and the ratios b/a.
 
@@ -27,11 +30,17 @@ use wasmq::runtime::Runtime;
 use wasmq::runtime::processor::LoadedProcessor;
 use wasmq::runtime::registry::{Registry, Slot};
 use wasmq::transport::dbal::sqlite::SqliteTransport;
-use wasmq::transport::{Receiver, ReceiverOptions, Settlement, Transport};
+use wasmq::transport::{
+    Batch, Delivery, Receiver, ReceiverOptions, Settlement, Subscription, Transport,
+};
 
 /// The concurrency the targets are set for, and a wider one for comparison.
 const CONCURRENCIES: [usize; 2] = [2, 16];
 const BODY: [u8; 200] = [b'x'; 200];
+/// Delayed rows waiting while (e) measures claims.
+const DELAYED_ROWS: u64 = 1_000_000;
+/// Idle consumers beside the busy one in (f).
+const IDLE_NEIGHBOURS: usize = 3;
 
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
@@ -78,11 +87,24 @@ fn envelope(queue: &str) -> Envelope {
 async fn receiver_on(transport: &SqliteTransport, queue: &str) -> Box<dyn Receiver> {
     transport
         .receiver(ReceiverOptions {
-            queues: vec![queue.into()],
+            subscriptions: vec![Subscription {
+                queue: queue.into(),
+                processor: "noop".into(),
+            }],
             heartbeat_timeout: Duration::from_secs(30),
+            orphan_timeout: Duration::from_secs(24 * 3600),
         })
         .await
         .unwrap()
+}
+
+/// Claims up to `max` with nothing in flight, as an idle consumer does.
+async fn claim(receiver: &mut Box<dyn Receiver>, max: usize) -> Vec<Delivery> {
+    match receiver.next_batch(max, true).await.unwrap() {
+        Batch::Shared(deliveries) => deliveries,
+        Batch::Alone(delivery) => vec![delivery],
+        Batch::AloneWaiting => unreachable!("an idle claim takes the waiting message"),
+    }
 }
 
 /// (a): claim up to `concurrency`, ack each, await durability: the consumer's pattern
@@ -94,11 +116,7 @@ async fn raw_loop(transport: &SqliteTransport, n: usize, concurrency: usize) -> 
     let mut done = 0;
     let mut receipts = Vec::new();
     while done < n {
-        for delivery in receiver
-            .next_batch(concurrency.min(n - done))
-            .await
-            .unwrap()
-        {
+        for delivery in claim(&mut receiver, concurrency.min(n - done)).await {
             receipts.push(
                 delivery
                     .handle
@@ -122,6 +140,61 @@ async fn raw_loop(transport: &SqliteTransport, n: usize, concurrency: usize) -> 
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+/// (e): rows that will not fall due for years, written straight into the delayed
+/// table (as a million `wasmq send --delay` would), to show that claims ignore them.
+fn seed_delayed(path: &Path, rows: u64) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.execute(
+        "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < ?1)
+         INSERT INTO wasmq_delayed (id, queue, processor, topic, body, headers, priority, published_at, available_at)
+         SELECT lower(hex(randomblob(16))), 'default', 'noop', 'bench.noop', zeroblob(200), '[]', 2, 0, 9000000000000000 FROM n",
+        [rows],
+    )
+    .unwrap();
+}
+
+/// (e): µs per claim of one message and its acknowledgement, one at a time.
+async fn claim_latency(transport: &SqliteTransport, n: usize) -> f64 {
+    seed(transport, n).await;
+    let mut receiver = receiver_on(transport, "default").await;
+    let start = Instant::now();
+    for _ in 0..n {
+        for delivery in claim(&mut receiver, 1).await {
+            delivery
+                .handle
+                .settle(Settlement::Ack { sends: Vec::new() })
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    }
+    receiver.close().await.unwrap();
+    start.elapsed().as_secs_f64() * 1e6 / n as f64
+}
+
+/// (f): (a) while `idle` other consumers wait on a queue that stays empty: each
+/// commit of the busy one wakes them, and they must not queue for the write lock.
+async fn raw_loop_with_idle_neighbours(
+    transport: &SqliteTransport,
+    n: usize,
+    concurrency: usize,
+    idle: usize,
+) -> f64 {
+    let mut neighbours = Vec::new();
+    for _ in 0..idle {
+        let mut receiver = receiver_on(transport, "idle").await;
+        neighbours.push(tokio::spawn(async move {
+            claim(&mut receiver, 1).await;
+        }));
+    }
+    let rate = raw_loop(transport, n, concurrency).await;
+    for neighbour in neighbours {
+        neighbour.abort();
+    }
+    rate
+}
+
 /// (b): the real consumer with the noop plugin.
 async fn wasmq_loop(
     transport: &SqliteTransport,
@@ -137,6 +210,7 @@ async fn wasmq_loop(
         memory_limit: None,
         concurrency,
         heartbeat_timeout: Duration::from_secs(30),
+        orphan_timeout: Duration::from_secs(24 * 3600),
     };
     let start = Instant::now();
     consumer::run(transport, registry, options, CancellationToken::new())
@@ -186,9 +260,9 @@ async fn wake_up(path: &Path, idle: Duration) -> f64 {
         producer.send(vec![envelope]).await.unwrap();
         Instant::now()
     };
-    let (sent_at, batch) = tokio::join!(send, receiver.next_batch(1));
+    let (sent_at, batch) = tokio::join!(send, claim(&mut receiver, 1));
     let seen_at = Instant::now();
-    for delivery in batch.unwrap() {
+    for delivery in batch {
         delivery
             .handle
             .settle(Settlement::Ack { sends: Vec::new() })
@@ -238,6 +312,12 @@ fn main() {
         let (_reuse_rt, reused) = load(dir.path(), 1000).await;
         let transport = SqliteTransport::open(&dir.path().join("bench.sqlite")).await.unwrap();
 
+        let delayed_path = dir.path().join("delayed.sqlite");
+        let delayed = SqliteTransport::open(&delayed_path).await.unwrap();
+        seed_delayed(&delayed_path, DELAYED_ROWS);
+        let (mut e_empty, mut e_delayed, mut e_delayed_16) = (vec![], vec![], vec![]);
+        let (mut f_alone, mut f_idle) = (vec![], vec![]);
+
         // Per concurrency: (a) raw, (b) fresh, (b) reused; each a list of rounds.
         let mut loops = vec![[vec![], vec![], vec![]]; CONCURRENCIES.len()];
         let (mut c, mut c_reuse) = (vec![], vec![]);
@@ -255,6 +335,15 @@ fn main() {
                     b_reuse[round - 1]
                 );
             }
+            e_empty.push(claim_latency(&transport, n / 10).await);
+            e_delayed.push(claim_latency(&delayed, n / 10).await);
+            e_delayed_16.push(raw_loop(&delayed, n, 16).await);
+            f_alone.push(raw_loop(&transport, n, 2).await);
+            f_idle.push(raw_loop_with_idle_neighbours(&transport, n, 2, IDLE_NEIGHBOURS).await);
+            eprintln!(
+                "round {round}: e {:.1} µs/claim (empty), {:.1} µs/claim and {:.0}/s (1M delayed); f {:.0}/s alone, {:.0}/s with idle neighbours",
+                e_empty[round - 1], e_delayed[round - 1], e_delayed_16[round - 1], f_alone[round - 1], f_idle[round - 1]
+            );
             c.push(isolated(ready(&fresh), fresh.router.clone(), n).await);
             c_reuse.push(isolated(ready(&reused), reused.router.clone(), n).await);
             let m = message();
@@ -278,6 +367,11 @@ fn main() {
             println!("  (b) wasmq + noop, fresh instance:         {b:>9.0} msg/s   b/a = {:.2}", b / a);
             println!("  (b) wasmq + noop, instance_reuse = 1000:  {b_reuse:>9.0} msg/s   b/a = {:.2}", b_reuse / a);
         }
+        println!("(e) claim + ack of one message, nothing delayed:        {:>9.1} µs", median(e_empty));
+        println!("(e) claim + ack of one message, {DELAYED_ROWS} delayed rows: {:>9.1} µs", median(e_delayed));
+        println!("(e) raw loop at --concurrency 16, {DELAYED_ROWS} delayed rows: {:>9.0} msg/s", median(e_delayed_16));
+        println!("(f) raw loop at --concurrency 2, alone:                 {:>9.0} msg/s", median(f_alone));
+        println!("(f) raw loop at --concurrency 2, {IDLE_NEIGHBOURS} idle consumers beside: {:>9.0} msg/s", median(f_idle));
         println!("(c) instantiate + process, fresh:         {:>9.2} µs/msg", median(c));
         println!("(c) process, instance_reuse = 1000:       {:>9.2} µs/msg", median(c_reuse));
         // Idle for 10 ms to 300 ms, so both the first (1 ms) and the backed-off (5 ms)
