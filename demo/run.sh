@@ -11,12 +11,16 @@ if ! rustup target list --installed | grep -qx wasm32-wasip2; then
     rustup target add wasm32-wasip2
 fi
 
-echo "==> building wasmq"
-cargo build --release -p wasmq
-wasmq="${CARGO_TARGET_DIR:-$root/target}/release/wasmq"
+# The dev profile, which the tests use too (its dependencies are optimised, see
+# Cargo.toml): `cargo test --workspace` afterwards reuses this build of wasmtime
+# instead of compiling it a second time. Same for the guests' target folder.
+target="${CARGO_TARGET_DIR:-$root/target}"
+echo "==> building wasmq (the first build compiles wasmtime: several minutes)"
+cargo build -p wasmq
+wasmq="$target/debug/wasmq"
 
 echo "==> building the example plugins into demo/plugins"
-guest-examples/build.sh "$root/demo/plugins" >/dev/null
+WASMQ_GUEST_TARGET_DIR="$target/wasm-guests" guest-examples/build.sh "$root/demo/plugins" >/dev/null
 
 cd "$root/demo"
 rm -rf var   # a fresh message store for every demo run

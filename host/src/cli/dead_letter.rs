@@ -33,12 +33,12 @@ pub async fn run(config: &Path, command: DeadLetterCommand) -> anyhow::Result<Ex
     match command {
         DeadLetterCommand::List => {
             println!(
-                "{:<10} {:<20} {:<24} {:<8} {:<20} ERROR",
+                "{:<36} {:<20} {:<24} {:<8} {:<20} ERROR",
                 "ID", "PROCESSOR", "TOPIC", "ATTEMPTS", "DEAD AT"
             );
             for d in transport.dead_letters().await? {
                 println!(
-                    "{:<10} {:<20} {:<24} {:<8} {:<20} {}",
+                    "{:<36} {:<20} {:<24} {:<8} {:<20} {}",
                     d.id,
                     d.processor,
                     d.topic,

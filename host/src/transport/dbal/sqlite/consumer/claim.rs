@@ -88,13 +88,16 @@ impl ClaimSql {
                      OR EXISTS ({})",
                 union("1")
             ),
-            // Our own claims are left out: the heartbeat renews them.
-            next_due: "SELECT MIN(due) FROM (
+            // Our own claims are left out (the heartbeat renews them), and so are those
+            // of processors we do not have (we could not take them over).
+            next_due: format!(
+                "SELECT MIN(due) FROM (
                     SELECT MIN(available_at) AS due FROM wasmq_delayed
                     UNION ALL
                     SELECT MIN(available_at) FROM wasmq_messages INDEXED BY wasmq_messages_leases
-                     WHERE claimed_by IS NOT NULL AND claimed_by <> ?1)"
-                .into(),
+                     WHERE claimed_by IS NOT NULL AND claimed_by <> ?1
+                       AND (queue, processor) IN (VALUES {pairs}))"
+            ),
             subscriptions: subscriptions
                 .iter()
                 .flat_map(|s| {
@@ -165,14 +168,19 @@ impl ClaimSql {
         query_bool(conn, &self.look, self.args(consumer, 0, now, 0))
     }
 
-    /// When the next delayed row falls due or another consumer's lease ends, if ever.
+    /// When the next delayed row falls due or another consumer's lease on one of our
+    /// processors ends, if ever.
     pub fn next_due(
         &self,
         conn: &Connection,
         consumer: &str,
     ) -> Result<Option<i64>, TransportError> {
         conn.prepare_cached(&self.next_due)
-            .and_then(|mut stmt| stmt.query_row([consumer], |row| row.get(0)))
+            .and_then(|mut stmt| {
+                stmt.query_row(params_from_iter(self.args(consumer, 0, 0, 0)), |row| {
+                    row.get(0)
+                })
+            })
             .map_err(query_error("finding the next due message"))
     }
 }
