@@ -7,25 +7,13 @@ use std::time::Duration;
 use common::{Env, scripted_with_sink};
 
 /// Waits until the consumer has claimed a message (the queue row is marked).
-fn wait_until_claimed(env: &Env) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let claimed: i64 = env.sql(|conn| {
-            conn.query_row(
-                "SELECT COUNT(*) FROM wasmq_messages WHERE claimed_by IS NOT NULL",
-                [],
-                |r| r.get(0),
-            )
-        });
-        if claimed > 0 {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the consumer never claimed the message"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn wait_until_claimed(env: &Env, consumer: &common::Running) {
+    common::wait_until(
+        "the consumer claimed the message",
+        Duration::from_secs(30),
+        || consumer.stderr(),
+        || env.claimed() > 0,
+    );
 }
 
 #[test]
@@ -38,7 +26,7 @@ fn sigterm_lets_the_message_in_flight_finish_and_exits_zero() {
         &[],
     );
     let consumer = env.spawn(&["consume", "--queue", "default", "-v"]);
-    wait_until_claimed(&env);
+    wait_until_claimed(&env, &consumer);
     consumer.signal(libc::SIGTERM);
     let out = consumer.wait();
     assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
@@ -63,7 +51,7 @@ fn sigkill_mid_message_redelivers_it_to_the_next_consumer() {
         &[],
     );
     let first = env.spawn(&["consume", "--queue", "default"]);
-    wait_until_claimed(&env);
+    wait_until_claimed(&env, &first);
     first.signal(libc::SIGKILL);
     let out = first.wait();
     assert!(!out.status.success());

@@ -4,12 +4,14 @@
 
 #![allow(dead_code, reason = "each suite uses a different part of the harness")]
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
+use rusqlite::types::Value;
 
 /// Longest any single wasmq command may take in a test before it is killed.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(90);
@@ -73,12 +75,14 @@ impl Output {
     }
 }
 
-/// A running wasmq process whose output is collected in the background.
+/// A running wasmq process whose output is collected line by line in the background.
+/// Dropping it kills the process, so a failing test leaves nothing running.
 pub struct Running {
     child: Child,
     started: Instant,
-    stdout: std::thread::JoinHandle<String>,
-    stderr: std::thread::JoinHandle<String>,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Running {
@@ -92,36 +96,126 @@ impl Running {
         assert_eq!(rc, 0, "kill({}, {signal}) failed", self.pid());
     }
 
-    /// Waits for exit, killing the process and failing the test past `COMMAND_TIMEOUT`.
-    pub fn wait(mut self) -> Output {
+    /// What the process has written to stderr so far (its log).
+    pub fn stderr(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The exit status if the process has exited, without waiting.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("waiting for wasmq")
+    }
+
+    /// Waits up to `limit` for the process to exit; `None` if it is still running.
+    pub fn wait_timeout(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
         loop {
-            if let Some(status) = self.child.try_wait().expect("waiting for wasmq") {
-                return Output {
-                    status,
-                    stdout: self.stdout.join().unwrap_or_default(),
-                    stderr: self.stderr.join().unwrap_or_default(),
-                    elapsed: self.started.elapsed(),
-                };
+            if let Some(status) = self.exited() {
+                return Some(status);
             }
-            if self.started.elapsed() > COMMAND_TIMEOUT {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "wasmq did not finish within {COMMAND_TIMEOUT:?}; stderr:\n{}",
-                    self.stderr.join().unwrap_or_default()
-                );
+            if Instant::now() >= deadline {
+                return None;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+
+    /// Waits for exit, killing the process and failing the test past `COMMAND_TIMEOUT`.
+    pub fn wait(mut self) -> Output {
+        match self.wait_timeout(COMMAND_TIMEOUT.saturating_sub(self.started.elapsed())) {
+            Some(status) => self.output(status),
+            None => panic!(
+                "wasmq did not finish within {COMMAND_TIMEOUT:?}; stderr:\n{}",
+                self.kill().stderr
+            ),
+        }
+    }
+
+    /// SIGKILL, as a crash or the OOM killer would: returns what it printed.
+    pub fn kill(mut self) -> Output {
+        let _ = self.child.kill();
+        let status = self.child.wait().expect("waiting for the killed wasmq");
+        self.output(status)
+    }
+
+    /// The output of an exited process, once its pipes are read to the end.
+    fn output(&mut self, status: ExitStatus) -> Output {
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        let take = |text: &Mutex<String>| {
+            std::mem::take(&mut *text.lock().unwrap_or_else(|p| p.into_inner()))
+        };
+        Output {
+            status,
+            stdout: take(&self.stdout),
+            stderr: take(&self.stderr),
+            elapsed: self.started.elapsed(),
+        }
+    }
 }
 
-fn collect(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+impl Drop for Running {
+    fn drop(&mut self) {
+        // A no-op for a process already waited for: std never signals a reaped pid.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads `pipe` line by line into `text`, handing each line (without its newline) to
+/// `on_line` first.
+fn collect(
+    pipe: impl Read + Send + 'static,
+    text: Arc<Mutex<String>>,
+    mut on_line: impl FnMut(&str) + Send + 'static,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = pipe.read_to_string(&mut text);
-        text
+        let mut reader = BufReader::new(pipe);
+        let mut line = Vec::new();
+        while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+            let decoded = String::from_utf8_lossy(&line);
+            on_line(decoded.trim_end_matches('\n'));
+            text.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push_str(&decoded);
+            line.clear();
+        }
     })
+}
+
+/// Polls `done` until it holds; past `limit`, fails saying what was awaited, followed
+/// by `logs()` (the output of the processes involved).
+pub fn wait_until(
+    what: &str,
+    limit: Duration,
+    logs: impl Fn() -> String,
+    mut done: impl FnMut() -> bool,
+) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting until {what}\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A message id as text, whatever SQL type the store gives it (integers until ids
+/// became strings such as UUIDv7).
+pub fn id_string(id: Value) -> String {
+    match id {
+        Value::Integer(i) => i.to_string(),
+        Value::Text(text) => text,
+        Value::Blob(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Value::Real(r) => r.to_string(),
+        Value::Null => panic!("a message id is NULL"),
+    }
 }
 
 /// One test's world: a folder with `wasmq.toml` and `var/wasmq.sqlite`.
@@ -169,21 +263,52 @@ impl Env {
         command
     }
 
-    pub fn spawn_command(&self, mut command: Command) -> Running {
+    pub fn spawn_command(&self, command: Command) -> Running {
+        self.spawn_command_watching(command, |_| {})
+    }
+
+    /// Starts `command`, calling `on_stderr_line` with each line of its log as it is
+    /// written (from another thread), so a test can react to what the process does.
+    pub fn spawn_command_watching(
+        &self,
+        mut command: Command,
+        on_stderr_line: impl FnMut(&str) + Send + 'static,
+    ) -> Running {
         let started = Instant::now();
         let mut child = command.spawn().expect("starting wasmq");
-        let stdout = collect(child.stdout.take().expect("piped stdout"));
-        let stderr = collect(child.stderr.take().expect("piped stderr"));
+        let (stdout, stderr) = (Arc::default(), Arc::default());
+        let readers = vec![
+            collect(
+                child.stdout.take().expect("piped stdout"),
+                Arc::clone(&stdout),
+                |_| {},
+            ),
+            collect(
+                child.stderr.take().expect("piped stderr"),
+                Arc::clone(&stderr),
+                on_stderr_line,
+            ),
+        ];
         Running {
             child,
             started,
             stdout,
             stderr,
+            readers,
         }
     }
 
     pub fn spawn(&self, args: &[&str]) -> Running {
         self.spawn_command(self.command(args))
+    }
+
+    /// `spawn`, calling `on_stderr_line` with each log line as it is written.
+    pub fn spawn_watching(
+        &self,
+        args: &[&str],
+        on_stderr_line: impl FnMut(&str) + Send + 'static,
+    ) -> Running {
+        self.spawn_command_watching(self.command(args), on_stderr_line)
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
@@ -243,8 +368,19 @@ impl Env {
     pub fn dead_letters(&self) -> Vec<(String, i64, String)> {
         self.sql(|conn| {
             conn.prepare("SELECT id, attempts, error FROM wasmq_dead_letters ORDER BY dead_at, id")?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .query_map([], |r| Ok((id_string(r.get(0)?), r.get(1)?, r.get(2)?)))?
                 .collect()
+        })
+    }
+
+    /// Messages claimed by a consumer right now.
+    pub fn claimed(&self) -> i64 {
+        self.sql(|conn| {
+            conn.query_row(
+                "SELECT COUNT(*) FROM wasmq_messages WHERE claimed_by IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )
         })
     }
 }
