@@ -336,8 +336,9 @@ fn main() {
                 );
             }
             e_empty.push(claim_latency(&transport, n / 10).await);
-            e_delayed.push(claim_latency(&delayed, n / 10).await);
-            e_delayed_16.push(raw_loop(&delayed, n, 16).await);
+            // Few: the old schema scans every delayed row on each claim.
+            e_delayed.push(claim_latency(&delayed, n / 100).await);
+            e_delayed_16.push(raw_loop(&delayed, n / 10, 16).await);
             f_alone.push(raw_loop(&transport, n, 2).await);
             f_idle.push(raw_loop_with_idle_neighbours(&transport, n, 2, IDLE_NEIGHBOURS).await);
             eprintln!(
