@@ -21,17 +21,19 @@ pub const MAX_MEMORY_LIMIT: u64 = 4 << 30;
 /// The smallest memory cap that a Rust guest can start in (its stack plus data).
 pub const MIN_MEMORY_LIMIT: u64 = 1 << 20;
 
+/// Causes are written into the message (`{error}`) rather than chained as a source, so
+/// that `{e}` and `{e:#}` each print them once (STYLE.md: never both).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path:?}: {source}; pass --config PATH or set WASMQ_CONFIG")]
+    #[error("cannot read config file {path:?}: {error}; pass --config PATH or set WASMQ_CONFIG")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("config file {path:?} is not valid: {source}")]
+    #[error("config file {path:?} is not valid: {error}")]
     Parse {
         path: PathBuf,
-        source: toml::de::Error,
+        error: toml::de::Error,
     },
     #[error("config file {path:?} has {} problem(s):\n  - {}", problems.len(), problems.join("\n  - "))]
     Invalid {
@@ -265,9 +267,9 @@ fn plugin_config<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Str
 impl Config {
     /// Reads, parses and validates the file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         let base_dir = path
             .parent()
@@ -281,9 +283,9 @@ impl Config {
 
     /// Parses without validating: for tests and for tools that only need the shape.
     pub fn parse(text: &str, path: &Path, base_dir: &Path) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|error| ConfigError::Parse {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         config.base_dir = base_dir.to_path_buf();
         config.path = path.to_path_buf();
@@ -477,6 +479,22 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(err.contains("\"lots\"") && err.contains("64MiB"), "{err}");
+    }
+
+    #[test]
+    fn read_and_parse_errors_print_their_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wasmq.toml");
+        let cause = std::fs::read(&path).unwrap_err().to_string();
+        let text = format!(
+            "{:#}",
+            anyhow::Error::from(Config::load(&path).unwrap_err())
+        );
+        assert_eq!(text.matches(&cause).count(), 1, "{text}");
+
+        let bad = parse("[transport\n").unwrap_err();
+        let text = format!("{:#}", anyhow::Error::from(bad));
+        assert_eq!(text.matches("unclosed table").count(), 1, "{text}");
     }
 
     #[test]
