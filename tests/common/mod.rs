@@ -210,6 +210,15 @@ impl Env {
         out.stdout.lines().map(str::to_string).collect()
     }
 
+    /// `wasmq consume -v` of `limit` messages from `queue`, plus `extra` arguments;
+    /// -v logs a `processed` line per message.
+    pub fn consume(&self, queue: &str, limit: u32, extra: &[&str]) -> Output {
+        let limit = limit.to_string();
+        let mut args = vec!["consume", "--queue", queue, "--message-limit", &limit, "-v"];
+        args.extend_from_slice(extra);
+        self.run(&args)
+    }
+
     /// Runs SQL against the test's database (as any SQL client could).
     pub fn sql<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> T {
         let conn = Connection::open(self.db_path()).expect("opening the test database");

@@ -6,6 +6,7 @@ use std::time::Duration;
 use wasmtime::component::{HasSelf, Linker};
 
 use crate::message::SendOptions;
+use crate::router::RouteError;
 use crate::runtime::bindings::producer::{self, Host};
 use crate::runtime::bindings::types;
 use crate::runtime::state::PluginState;
@@ -45,7 +46,8 @@ impl Host for PluginState {
                 self.call.sends.extend(envelopes);
                 Ok(())
             }
-            Err(unroutable) => Err(types::SendError::Unroutable(unroutable.to_string())),
+            Err(RouteError::Unroutable(e)) => Err(types::SendError::Unroutable(e.to_string())),
+            Err(e) => Err(types::SendError::Invalid(e.to_string())),
         }
     }
 }

@@ -1,0 +1,78 @@
+//! Per-processor limits seen from outside: what a send may carry and how much a
+//! processor may send and print.
+
+mod common;
+
+use common::{Env, scripted_with_sink};
+
+/// `scripted` next to `small`, a processor on `big.topic` with the smallest memory.
+fn env_with_small_receiver(scripted_extra: &str) -> Env {
+    Env::new(&format!(
+        "{}\n[[processor]]\nname = \"small\"\nplugin = \"noop.wasm\"\ntopics = [\"big.topic\"]\nqueue = \"small\"\nmemory_limit = \"1MiB\"\n\n\
+         [[processor]]\nname = \"roomy\"\nplugin = \"noop.wasm\"\ntopics = [\"big.topic\"]\nqueue = \"small\"\n",
+        scripted_with_sink(scripted_extra)
+    ))
+}
+
+/// Writes `len` bytes of body into the test's folder; returns the path argument.
+fn body_file(env: &Env, len: usize) -> String {
+    let path = env.path().join("body.bin");
+    std::fs::write(&path, vec![b'x'; len]).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
+fn wasmq_send_refuses_a_body_larger_than_a_receivers_memory_limit() {
+    let env = env_with_small_receiver("");
+    let file = body_file(&env, (1 << 20) + 1);
+    let out = env.run(&["send", "big.topic", "--body-file", &file]);
+    out.assert_failure();
+    assert!(
+        out.stderr.contains("body of 1048577 bytes")
+            && out.stderr.contains("processor \"small\"")
+            && out.stderr.contains("(1048576 bytes)")
+            && out.stderr.contains("memory_limit"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        env.queue_bodies("small").is_empty(),
+        "no delivery is stored, not even for the roomy subscriber"
+    );
+
+    // At the limit it fits, and both subscribers get it.
+    let file = body_file(&env, 1 << 20);
+    let out = env.run(&["send", "big.topic", "--body-file", &file]);
+    out.assert_success();
+    assert_eq!(env.queue_bodies("small").len(), 2);
+}
+
+#[test]
+fn a_plugin_send_too_large_for_its_receiver_is_invalid() {
+    let env = env_with_small_receiver("max_attempts = 1");
+    // The echo `scripted` sends carries this body, plus a little JSON.
+    let file = body_file(&env, 1 << 20);
+    let out = env.run(&[
+        "send",
+        "test.scripted",
+        "--body-file",
+        &file,
+        "--header",
+        "x-send=big.topic",
+    ]);
+    out.assert_success();
+    let out = env.consume("default", 1, &[]);
+    out.assert_success();
+    let refusal = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("send to big.topic failed"))
+        .unwrap_or_else(|| panic!("the plugin saw its send refused:\n{}", out.stderr));
+    assert!(
+        refusal.contains("Invalid")
+            && refusal.contains("processor \\\"small\\\"")
+            && refusal.contains("(1048576 bytes)"),
+        "{refusal}"
+    );
+    assert!(env.queue_bodies("small").is_empty());
+}
