@@ -63,11 +63,7 @@ fn a_plugin_send_too_large_for_its_receiver_is_invalid() {
     out.assert_success();
     let out = env.consume("default", 1, &[]);
     out.assert_success();
-    let refusal = out
-        .stderr
-        .lines()
-        .find(|l| l.contains("send to big.topic failed"))
-        .unwrap_or_else(|| panic!("the plugin saw its send refused:\n{}", out.stderr));
+    let refusal = out.log_line("send to big.topic failed");
     assert!(
         refusal.contains("Invalid")
             && refusal.contains("processor \\\"small\\\"")
@@ -75,4 +71,43 @@ fn a_plugin_send_too_large_for_its_receiver_is_invalid() {
         "{refusal}"
     );
     assert!(env.queue_bodies("small").is_empty());
+}
+
+#[test]
+fn the_sends_of_one_call_are_capped_at_max_send_bytes() {
+    let env = Env::new(&scripted_with_sink(
+        "max_send_bytes = \"16KiB\"\nmax_attempts = 1",
+    ));
+    // Each echo carries the 6000-byte body plus ~150 bytes of JSON: two fit in
+    // 16 KiB, three do not.
+    let body = "x".repeat(6000);
+    env.send(
+        "test.scripted",
+        &body,
+        &[("x-send", "test.out"), ("x-send-count", "2")],
+        &[],
+    );
+    let over = env.send(
+        "test.scripted",
+        &body,
+        &[("x-send", "test.out"), ("x-send-count", "3")],
+        &[],
+    );
+    let out = env.consume("default", 2, &[]);
+    out.assert_success();
+    assert_eq!(
+        env.sink().len(),
+        2,
+        "the first message's two sends are stored, none of the second's:\n{}",
+        out.stderr
+    );
+    let dead = env.dead_letters();
+    assert_eq!(dead.len(), 1, "{}", out.stderr);
+    assert_eq!(dead[0].0, over[0]);
+    let refusal = out.log_line("send to test.out failed");
+    assert!(
+        refusal.contains("Invalid")
+            && refusal.contains("max_send_bytes = 16384 of processor \\\"scripted\\\""),
+        "{refusal}"
+    );
 }

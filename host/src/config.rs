@@ -21,6 +21,10 @@ pub const MAX_MEMORY_LIMIT: u64 = 4 << 30;
 /// The smallest memory cap that a Rust guest can start in (its stack plus data).
 pub const MIN_MEMORY_LIMIT: u64 = 1 << 20;
 
+/// Largest `max_send_bytes`: a call's sends are held in memory until its message
+/// settles, once per message in flight.
+pub const MAX_SEND_BYTES_LIMIT: u64 = 1 << 30;
+
 /// Causes are written into the message (`{error}`) rather than chained as a source, so
 /// that `{e}` and `{e:#}` each print them once (STYLE.md: never both).
 #[derive(Debug, thiserror::Error)]
@@ -190,6 +194,11 @@ pub struct ProcessorConfig {
     /// instance per message, no state leaks. More is faster but shares guest state.
     #[serde(default = "default_instance_reuse")]
     pub instance_reuse: u32,
+    /// Total bytes the sends of one call may store (each delivery's body and headers);
+    /// past it `producer.send` answers `invalid`. A runaway plugin otherwise makes the
+    /// host hold up to 10,000 × 16 MiB until the message settles.
+    #[serde(default = "default_max_send_bytes", deserialize_with = "byte_size")]
+    pub max_send_bytes: u64,
     /// Key/values the plugin reads through the `config` import.
     #[serde(default, deserialize_with = "plugin_config")]
     pub config: BTreeMap<String, String>,
@@ -218,6 +227,9 @@ fn default_true() -> bool {
 }
 fn default_instance_reuse() -> u32 {
     1
+}
+fn default_max_send_bytes() -> u64 {
+    64 << 20
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -369,6 +381,12 @@ impl Config {
                     "{at}: `instance_reuse` = 0: use 1 for a fresh instance per message, or N to reuse one for N messages"
                 ));
             }
+            if !(1..=MAX_SEND_BYTES_LIMIT).contains(&p.max_send_bytes) {
+                problems.push(format!(
+                    "{at}: `max_send_bytes` = {} bytes is out of range: use between 1 byte and 1GiB (a call's sends are held in memory until its message settles)",
+                    p.max_send_bytes
+                ));
+            }
             if p.retry_backoff_max < p.retry_backoff {
                 problems.push(format!(
                     "{at}: `retry_backoff_max` is smaller than `retry_backoff`"
@@ -434,6 +452,7 @@ mod tests {
         assert_eq!(p.memory_limit, 64 << 20);
         assert_eq!(p.max_attempts, 5);
         assert_eq!(p.instance_reuse, 1);
+        assert_eq!(p.max_send_bytes, 64 << 20);
         assert!(p.dead_letter);
         assert!(p.topics.is_none());
     }
@@ -449,6 +468,7 @@ mod tests {
             "the demo relies on subscribed-topics"
         );
         assert_eq!(indexer.config["index"], "products");
+        assert_eq!(indexer.max_send_bytes, default_max_send_bytes());
         assert_eq!(
             c.processors[1].topics.as_deref(),
             Some(&["search.indexed".to_string()][..])
@@ -511,7 +531,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("plugins")).unwrap();
         let text = "[transport]\ndsn = \"redis://x\"\n\
-            [[processor]]\nname = \"a\"\nplugin = \"missing.wasm\"\nmax_attempts = 0\n\
+            [[processor]]\nname = \"a\"\nplugin = \"missing.wasm\"\nmax_attempts = 0\nmax_send_bytes = \"2GiB\"\n\
             [[processor]]\nname = \"a\"\nplugin = \"missing.wasm\"\n";
         let c = Config::parse(text, &dir.path().join("wasmq.toml"), dir.path()).unwrap();
         let err = c.validate().unwrap_err().to_string();
@@ -522,5 +542,9 @@ mod tests {
         );
         assert!(err.contains("two processors are named \"a\""), "{err}");
         assert!(err.contains("max_attempts"), "{err}");
+        assert!(
+            err.contains("`max_send_bytes` = 2147483648 bytes is out of range"),
+            "{err}"
+        );
     }
 }

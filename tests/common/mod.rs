@@ -62,6 +62,15 @@ impl Output {
         self
     }
 
+    /// The first line of stderr (the log) that contains `needle`; fails the test
+    /// with the whole log when there is none.
+    pub fn log_line(&self, needle: &str) -> &str {
+        self.stderr
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no log line contains {needle:?}:\n{}", self.stderr))
+    }
+
     pub fn assert_failure(&self) -> &Output {
         assert!(
             !self.status.success(),

@@ -6,6 +6,7 @@
 //! - `x-send: TOPIC` sends a JSON echo of the message (`id`, `body`, `attempt`,
 //!   `redelivered`, `priority`) to TOPIC; without that header, the `forward_to`
 //!   config value, when set, names the topic instead. A failed send requeues;
+//! - `x-send-count: N` sends that echo N times (default 1);
 //! - `x-answer: ack|reject|requeue` picks the returned status (default `ack`);
 //! - `x-trap: yes` panics after sending (so the send must be discarded);
 //! - the echo's `instance_calls` counts the calls this instance has served, which
@@ -79,9 +80,12 @@ impl Guest for Scripted {
                 delay_ms: None,
                 headers: Vec::new(),
             };
-            if let Err(err) = producer::send(&topic, &body, &options) {
-                eprintln!("scripted: send to {topic} failed: {err:?}");
-                return Status::Requeue;
+            let count = header(&message, "x-send-count").map_or(1, |n| n.parse().unwrap_or(1));
+            for _ in 0..count {
+                if let Err(err) = producer::send(&topic, &body, &options) {
+                    eprintln!("scripted: send to {topic} failed: {err:?}");
+                    return Status::Requeue;
+                }
             }
         }
 

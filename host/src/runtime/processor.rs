@@ -112,6 +112,7 @@ impl LoadedProcessor {
             info: Arc::new(PluginInfo {
                 name: config.name.as_str().into(),
                 config: config.config.clone(),
+                max_send_bytes: config.max_send_bytes,
             }),
             engine: engine.clone(),
             pre,
@@ -160,6 +161,7 @@ impl LoadedProcessor {
         let state = store.data_mut();
         state.call.router = router;
         state.call.sends.clear();
+        state.call.send_bytes = 0;
         state.call.deadline = Instant::now() + self.config.timeout;
         state.call.timed_out = false;
         state.limiter.exceeded = false;

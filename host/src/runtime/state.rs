@@ -22,6 +22,8 @@ pub struct PluginInfo {
     pub name: Arc<str>,
     /// The processor's `[processor.config]`.
     pub config: std::collections::BTreeMap<String, String>,
+    /// The processor's `max_send_bytes`: what the sends of one call may store in total.
+    pub max_send_bytes: u64,
 }
 
 /// Enforces `memory_limit` and remembers that it did, so the failure is reported as
@@ -61,6 +63,8 @@ pub struct CallState {
     pub router: Arc<Router>,
     /// Sends held back until the message is acknowledged.
     pub sends: Vec<Envelope>,
+    /// [`Envelope::stored_bytes`] of `sends`, checked against `max_send_bytes`.
+    pub send_bytes: u64,
     /// The epoch callback traps after this instant.
     pub deadline: Instant,
     pub timed_out: bool,
@@ -93,6 +97,7 @@ impl PluginState {
             call: CallState {
                 router,
                 sends: Vec::new(),
+                send_bytes: 0,
                 deadline: Instant::now(),
                 timed_out: false,
             },
