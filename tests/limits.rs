@@ -111,3 +111,48 @@ fn the_sends_of_one_call_are_capped_at_max_send_bytes() {
         "{refusal}"
     );
 }
+
+#[test]
+fn a_plugin_printing_megabytes_logs_up_to_max_output_bytes_and_one_warning() {
+    let env = Env::new(&scripted_with_sink("max_output_bytes = \"16KiB\""));
+    let printed = 8_000_000;
+    env.send(
+        "test.scripted",
+        "loud",
+        &[
+            ("x-print-bytes", &printed.to_string()),
+            ("x-send", "test.out"),
+        ],
+        &[],
+    );
+    let out = env.consume("default", 1, &[]);
+    out.assert_success();
+    assert_eq!(env.sink().len(), 1, "the message is acknowledged");
+    // 16 KiB of plugin text, plus each line's timestamp and fields, plus the
+    // consumer's own few lines.
+    assert!(
+        out.stderr.len() < (16 << 10) + (8 << 10),
+        "the log holds {} bytes",
+        out.stderr.len()
+    );
+    let warning = out.log_line("dropped_bytes=");
+    assert_eq!(
+        out.stderr.matches("dropped_bytes=").count(),
+        1,
+        "one warning"
+    );
+    assert!(
+        warning.contains("WARN") && warning.contains("`max_output_bytes`"),
+        "{warning}"
+    );
+    let dropped: u64 = warning
+        .split("dropped_bytes=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no dropped byte count in {warning:?}"));
+    assert!(
+        (printed - (16 << 10)..=printed).contains(&dropped),
+        "dropped {dropped} of {printed} bytes"
+    );
+}

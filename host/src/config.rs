@@ -199,6 +199,11 @@ pub struct ProcessorConfig {
     /// host hold up to 10,000 × 16 MiB until the message settles.
     #[serde(default = "default_max_send_bytes", deserialize_with = "byte_size")]
     pub max_send_bytes: u64,
+    /// Log text one call may write (stdout, stderr and `log.log` together); the rest
+    /// is dropped and one warning says how much, so a plugin cannot flood the log.
+    /// `0` keeps a plugin silent.
+    #[serde(default = "default_max_output_bytes", deserialize_with = "byte_size")]
+    pub max_output_bytes: u64,
     /// Key/values the plugin reads through the `config` import.
     #[serde(default, deserialize_with = "plugin_config")]
     pub config: BTreeMap<String, String>,
@@ -230,6 +235,9 @@ fn default_instance_reuse() -> u32 {
 }
 fn default_max_send_bytes() -> u64 {
     64 << 20
+}
+fn default_max_output_bytes() -> u64 {
+    64 << 10
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -453,6 +461,7 @@ mod tests {
         assert_eq!(p.max_attempts, 5);
         assert_eq!(p.instance_reuse, 1);
         assert_eq!(p.max_send_bytes, 64 << 20);
+        assert_eq!(p.max_output_bytes, 64 << 10);
         assert!(p.dead_letter);
         assert!(p.topics.is_none());
     }
@@ -469,6 +478,7 @@ mod tests {
         );
         assert_eq!(indexer.config["index"], "products");
         assert_eq!(indexer.max_send_bytes, default_max_send_bytes());
+        assert_eq!(indexer.max_output_bytes, default_max_output_bytes());
         assert_eq!(
             c.processors[1].topics.as_deref(),
             Some(&["search.indexed".to_string()][..])

@@ -3,6 +3,7 @@
 //!
 //! - it always prints `processing <id> attempt <attempt>` to stdout;
 //! - `x-sleep-ms: N` sleeps N milliseconds first;
+//! - `x-print-bytes: N` writes N bytes to stderr, in lines of 1 KiB;
 //! - `x-send: TOPIC` sends a JSON echo of the message (`id`, `body`, `attempt`,
 //!   `redelivered`, `priority`) to TOPIC; without that header, the `forward_to`
 //!   config value, when set, names the topic instead. A failed send requeues;
@@ -14,6 +15,7 @@
 
 wit_bindgen::generate!({ path: "../../wit", world: "processor" });
 
+use std::io::Write;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -45,6 +47,20 @@ fn priority_name(priority: Priority) -> &'static str {
     }
 }
 
+/// Writes `bytes` bytes of `x` lines to stderr.
+fn print_to_stderr(mut bytes: usize) {
+    let mut line = vec![b'x'; 1 << 10];
+    line[(1 << 10) - 1] = b'\n';
+    let mut stderr = std::io::stderr().lock();
+    while bytes > 0 {
+        let chunk = bytes.min(line.len());
+        stderr
+            .write_all(&line[..chunk])
+            .expect("stderr is the host's log");
+        bytes -= chunk;
+    }
+}
+
 impl Guest for Scripted {
     fn subscribed_topics() -> Vec<String> {
         vec!["test.scripted".to_string()]
@@ -58,6 +74,13 @@ impl Guest for Scripted {
             match ms.parse::<u64>() {
                 Ok(ms) => std::thread::sleep(Duration::from_millis(ms)),
                 Err(err) => eprintln!("scripted: ignoring x-sleep-ms {ms:?}: {err}"),
+            }
+        }
+
+        if let Some(bytes) = header(&message, "x-print-bytes") {
+            match bytes.parse::<usize>() {
+                Ok(bytes) => print_to_stderr(bytes),
+                Err(err) => eprintln!("scripted: ignoring x-print-bytes {bytes:?}: {err}"),
             }
         }
 

@@ -129,7 +129,7 @@ impl LoadedProcessor {
     }
 
     fn new_store(&self, router: Arc<Router>) -> Store<PluginState> {
-        let output = PluginOutput::new(self.info.name.clone());
+        let output = PluginOutput::new(self.info.name.clone(), self.config.max_output_bytes);
         let wasi = WasiCtxBuilder::new()
             .stdout(LogStream::new(Stream::Stdout, output.clone()))
             .stderr(LogStream::new(Stream::Stderr, output.clone()))
@@ -166,9 +166,7 @@ impl LoadedProcessor {
         state.call.timed_out = false;
         state.limiter.exceeded = false;
         if let Ok(mut output) = state.output.lock() {
-            output.message_id.clear();
-            output.message_id.push_str(message_id);
-            output.last_stderr.clear();
+            output.begin_call(message_id);
         }
         store.set_epoch_deadline(1);
     }
@@ -185,7 +183,7 @@ impl LoadedProcessor {
         let lines = state
             .output
             .lock()
-            .map(|o| o.last_stderr.join(" / "))
+            .map(|o| o.last_stderr())
             .unwrap_or_default();
         if !lines.is_empty() {
             why.push_str(&format!(" (stderr: {lines})"));
@@ -293,6 +291,7 @@ impl LoadedProcessor {
                 match self.instantiate(&mut store).await {
                     Ok(bindings) => (store, bindings, 0),
                     Err(failure) => {
+                        finish_output(&store);
                         return Processed {
                             outcome: Outcome::Failed(failure),
                             sends: Vec::new(),
@@ -312,6 +311,7 @@ impl LoadedProcessor {
             Ok(Err(e)) => Outcome::Failed(self.classify(&store, &e)),
             Err(_) => Outcome::Failed(Failure::Timeout(self.config.timeout)),
         };
+        finish_output(&store);
         let sends = std::mem::take(&mut store.data_mut().call.sends);
         let used = used + 1;
         if matches!(outcome, Outcome::Answered(_)) && used < self.config.instance_reuse {
@@ -328,5 +328,12 @@ impl LoadedProcessor {
             }
         }
         Processed { outcome, sends }
+    }
+}
+
+/// Ends a call's output: its partial lines, and the warning if the cap dropped any.
+fn finish_output(store: &Store<PluginState>) {
+    if let Ok(mut output) = store.data().output.lock() {
+        output.finish_call();
     }
 }

@@ -106,14 +106,6 @@ impl PluginState {
             table: ResourceTable::new(),
         }
     }
-
-    /// The id of the message in progress, for log lines.
-    pub fn message_id(&self) -> String {
-        self.output
-            .lock()
-            .map(|o| o.message_id.clone())
-            .unwrap_or_default()
-    }
 }
 
 impl WasiView for PluginState {
