@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Env, scripted_with_sink};
+use common::{Env, duration_ms, scripted_with_sink};
 
 /// `scripted` next to `small`, a processor on `big.topic` with the smallest memory.
 fn env_with_small_receiver(scripted_extra: &str) -> Env {
@@ -154,5 +154,77 @@ fn a_plugin_printing_megabytes_logs_up_to_max_output_bytes_and_one_warning() {
     assert!(
         (printed - (16 << 10)..=printed).contains(&dropped),
         "dropped {dropped} of {printed} bytes"
+    );
+}
+
+/// `x-work` rounds that take about `target_ms` of one call's own time, measured on
+/// a message processed alone (the figure depends on the machine and the build).
+fn calibrate_work(env: &Env, target_ms: f64) -> u64 {
+    let mut rounds: u64 = 10_000_000;
+    loop {
+        env.send(
+            "test.scripted",
+            "calibrate",
+            &[("x-work", &rounds.to_string())],
+            &[],
+        );
+        let out = env.consume("default", 1, &[]);
+        out.assert_success();
+        let took = duration_ms(out.log_line("processed processor=scripted"));
+        // Long enough that instantiation and logging are noise next to the work.
+        if took >= 100.0 {
+            return (rounds as f64 * target_ms / took) as u64;
+        }
+        rounds *= 4;
+    }
+}
+
+#[test]
+fn timeout_counts_a_calls_own_time_not_its_neighbours_turns() {
+    let env = Env::new(&scripted_with_sink("timeout = \"1s\"\nmax_attempts = 1"));
+    let rounds = calibrate_work(&env, 400.0).to_string();
+    for n in 0..4 {
+        env.send(
+            "test.scripted",
+            &format!("heavy {n}"),
+            &[("x-work", &rounds), ("x-send", "test.out")],
+            &[],
+        );
+    }
+    // One thread: the four calls take turns, each yielding at every epoch tick.
+    let out = env.consume("default", 4, &["--concurrency", "4", "--threads", "1"]);
+    out.assert_success();
+    assert!(env.dead_letters().is_empty(), "{}", out.stderr);
+    assert_eq!(
+        env.sink().len(),
+        4,
+        "all four acknowledged:\n{}",
+        out.stderr
+    );
+    let durations: Vec<f64> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("processed processor=scripted"))
+        .map(duration_ms)
+        .collect();
+    assert!(
+        durations.iter().any(|&ms| ms > 1000.0),
+        "the calls interleaved past 1 s of wall time, which wall-time accounting would have failed: {durations:?} ms"
+    );
+}
+
+#[test]
+fn a_plugin_sleeping_in_a_host_call_past_its_timeout_times_out() {
+    let env = Env::new(&scripted_with_sink("timeout = \"1s\"\nmax_attempts = 1"));
+    env.send("test.scripted", "sleepy", &[("x-sleep-ms", "5000")], &[]);
+    let out = env.consume("default", 1, &[]);
+    out.assert_success();
+    let dead = env.dead_letters();
+    assert_eq!(dead.len(), 1, "{}", out.stderr);
+    assert!(dead[0].2.starts_with("timeout:"), "{}", dead[0].2);
+    let took = duration_ms(out.log_line("processed processor=scripted"));
+    assert!(
+        (1000.0..2000.0).contains(&took),
+        "a 5 s sleep under a 1 s timeout ended after {took} ms"
     );
 }

@@ -171,7 +171,9 @@ pub struct ProcessorConfig {
     /// The queue its deliveries wait in; `wasmq consume --queue` selects queues.
     #[serde(default = "default_queue")]
     pub queue: String,
-    /// Longest time one `process` call may run; past it the call is a failure.
+    /// The most time one message's call may use; past it the call is a failure. It
+    /// counts the plugin's running time (a fresh instance's start functions included)
+    /// and its waits in host calls, not its waits for a turn while other messages run.
     #[serde(default = "default_timeout", deserialize_with = "duration")]
     pub timeout: Duration,
     /// Largest linear memory the plugin may grow to, e.g. `64MiB`.

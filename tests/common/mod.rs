@@ -269,6 +269,19 @@ impl Env {
     }
 }
 
+/// The `duration_ms` of a consumer's `processed` log line (printed with -v).
+pub fn duration_ms(line: &str) -> f64 {
+    line.split("duration_ms=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| {
+            n.trim_matches(|c: char| !c.is_ascii_digit() && c != '.')
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no duration in {line:?}"))
+}
+
 /// `[[processor]]` tables used by many tests: `scripted` on `test.scripted` in queue
 /// `default`, and a `sink` (noop, in queue `sink`, which tests never consume) that
 /// collects what `scripted` sends to `test.out`.

@@ -3,6 +3,8 @@
 //!
 //! - it always prints `processing <id> attempt <attempt>` to stdout;
 //! - `x-sleep-ms: N` sleeps N milliseconds first;
+//! - `x-work: N` computes for N rounds of arithmetic the optimizer cannot skip (CPU
+//!   only, no host calls), for tests of how time is counted;
 //! - `x-print-bytes: N` writes N bytes to stderr, in lines of 1 KiB;
 //! - `x-send: TOPIC` sends a JSON echo of the message (`id`, `body`, `attempt`,
 //!   `redelivered`, `priority`) to TOPIC; without that header, the `forward_to`
@@ -47,6 +49,16 @@ fn priority_name(priority: Priority) -> &'static str {
     }
 }
 
+/// Burns CPU: `rounds` steps of a hash that `black_box` keeps the optimizer from
+/// folding away.
+fn work(rounds: u64) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for round in 0..rounds {
+        hash = std::hint::black_box((hash ^ round).wrapping_mul(0x0100_0000_01b3));
+    }
+    hash
+}
+
 /// Writes `bytes` bytes of `x` lines to stderr.
 fn print_to_stderr(mut bytes: usize) {
     let mut line = vec![b'x'; 1 << 10];
@@ -74,6 +86,15 @@ impl Guest for Scripted {
             match ms.parse::<u64>() {
                 Ok(ms) => std::thread::sleep(Duration::from_millis(ms)),
                 Err(err) => eprintln!("scripted: ignoring x-sleep-ms {ms:?}: {err}"),
+            }
+        }
+
+        if let Some(rounds) = header(&message, "x-work") {
+            match rounds.parse::<u64>() {
+                Ok(rounds) => {
+                    std::hint::black_box(work(rounds));
+                }
+                Err(err) => eprintln!("scripted: ignoring x-work {rounds:?}: {err}"),
             }
         }
 

@@ -2,6 +2,7 @@
 //! disk), and a fresh sandboxed instance per message.
 //!
 //! - [`engine`]: engine settings and the epoch ticker behind timeouts.
+//! - [`call_clock`]: the time a call has used of its `timeout`.
 //! - [`cache`]: compiled components on disk, by content and engine hash.
 //! - [`bindings`]: the WIT bindings (the only place `bindgen!` runs).
 //! - [`state`], [`output`], `host`: what a store holds and the host imports.
@@ -10,6 +11,7 @@
 
 pub mod bindings;
 pub mod cache;
+pub mod call_clock;
 pub mod engine;
 mod host;
 pub mod output;

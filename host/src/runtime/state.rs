@@ -2,7 +2,7 @@
 //! state of the call in progress.
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::Duration;
 
 use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
@@ -10,6 +10,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::message::Envelope;
 use crate::router::Router;
+use crate::runtime::call_clock::CallClock;
 use crate::runtime::output::PluginOutput;
 
 /// Tables larger than this are refused: no honest plugin needs more entries.
@@ -65,8 +66,10 @@ pub struct CallState {
     pub sends: Vec<Envelope>,
     /// [`Envelope::stored_bytes`] of `sends`, checked against `max_send_bytes`.
     pub send_bytes: u64,
-    /// The epoch callback traps after this instant.
-    pub deadline: Instant,
+    /// The call's budget: the epoch callback traps once it is used up.
+    pub clock: Arc<CallClock>,
+    /// Set by the epoch callback when it trapped for the budget, so the trap is
+    /// reported as a timeout.
     pub timed_out: bool,
 }
 
@@ -98,7 +101,7 @@ impl PluginState {
                 router,
                 sends: Vec::new(),
                 send_bytes: 0,
-                deadline: Instant::now(),
+                clock: CallClock::new(Duration::ZERO),
                 timed_out: false,
             },
             output,
