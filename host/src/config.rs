@@ -176,7 +176,8 @@ pub struct ProcessorConfig {
     /// and its waits in host calls, not its waits for a turn while other messages run.
     #[serde(default = "default_timeout", deserialize_with = "duration")]
     pub timeout: Duration,
-    /// Largest linear memory the plugin may grow to, e.g. `64MiB`.
+    /// Largest linear memory the plugin may grow to, e.g. `64MiB`. Also the largest
+    /// body a send to it may carry: a larger one could not be copied into the plugin.
     #[serde(default = "default_memory_limit", deserialize_with = "byte_size")]
     pub memory_limit: u64,
     /// Deliveries (first one included) before a requeued or failing message is dead-lettered.
