@@ -98,6 +98,47 @@ fn a_missing_config_file_says_how_to_point_at_one() {
         "{}",
         out.stderr
     );
+    assert_eq!(
+        out.stderr.matches("No such file or directory").count(),
+        1,
+        "the cause is printed once:\n{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn a_plugin_that_is_not_wasm_is_named_in_one_line() {
+    let env = Env::with_config(
+        "[plugins]\ndir = \"plugins\"\n[[processor]]\nname = \"a\"\nplugin = \"garbage.wasm\"\ntopics = [\"t\"]\n",
+    );
+    std::fs::create_dir(env.path().join("plugins")).unwrap();
+    std::fs::write(
+        env.path().join("plugins/garbage.wasm"),
+        [0x9a, 0x4b, 0x24, 0x92, 0x11, 0x00, 0xff],
+    )
+    .unwrap();
+    let out = env.run(&["check"]);
+    out.assert_failure();
+    let problems: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("error:"))
+        .collect();
+    assert_eq!(problems.len(), 1, "{}", out.stderr);
+    assert!(
+        problems[0].contains("garbage.wasm")
+            && problems[0]
+                .contains("is not a WebAssembly file: it starts with 9a 4b 24 92, not \\0asm")
+            && problems[0].contains("wasm32-wasip2"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        out.stderr.lines().count(),
+        1,
+        "one line, no dump:\n{}",
+        out.stderr
+    );
 }
 
 #[test]

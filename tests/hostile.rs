@@ -69,26 +69,7 @@ fn a_spinning_plugin_times_out_within_twice_its_timeout() {
     let env = env_with_hostile("spin.wasm", "timeout = \"1s\"");
     let (reason, out) = survive(&env);
     assert!(reason.starts_with("timeout:"), "{reason}");
-    let spin_line = out
-        .stderr
-        .lines()
-        .find(|l| l.contains("processed") && l.contains("processor=hostile"))
-        .unwrap_or_else(|| {
-            panic!(
-                "no processed line for the spinning message:\n{}",
-                out.stderr
-            )
-        });
-    let duration_ms: f64 = spin_line
-        .split("duration_ms=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| {
-            n.trim_matches(|c: char| !c.is_ascii_digit() && c != '.')
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no duration in {spin_line:?}"));
+    let duration_ms = common::duration_ms(out.log_line("processed processor=hostile"));
     assert!(
         (1000.0..2000.0).contains(&duration_ms),
         "timeout fired after {duration_ms} ms for a 1 s limit"

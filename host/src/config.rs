@@ -21,17 +21,23 @@ pub const MAX_MEMORY_LIMIT: u64 = 4 << 30;
 /// The smallest memory cap that a Rust guest can start in (its stack plus data).
 pub const MIN_MEMORY_LIMIT: u64 = 1 << 20;
 
+/// Largest `max_send_bytes`: a call's sends are held in memory until its message
+/// settles, once per message in flight.
+pub const MAX_SEND_BYTES_LIMIT: u64 = 1 << 30;
+
+/// Causes are written into the message (`{error}`) rather than chained as a source, so
+/// that `{e}` and `{e:#}` each print them once (STYLE.md: never both).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path:?}: {source}; pass --config PATH or set WASMQ_CONFIG")]
+    #[error("cannot read config file {path:?}: {error}; pass --config PATH or set WASMQ_CONFIG")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("config file {path:?} is not valid: {source}")]
+    #[error("config file {path:?} is not valid: {error}")]
     Parse {
         path: PathBuf,
-        source: toml::de::Error,
+        error: toml::de::Error,
     },
     #[error("config file {path:?} has {} problem(s):\n  - {}", problems.len(), problems.join("\n  - "))]
     Invalid {
@@ -175,10 +181,13 @@ pub struct ProcessorConfig {
     /// The queue its deliveries wait in; `wasmq consume --queue` selects queues.
     #[serde(default = "default_queue")]
     pub queue: String,
-    /// Longest time one `process` call may run; past it the call is a failure.
+    /// The most time one message's call may use; past it the call is a failure. It
+    /// counts the plugin's running time (a fresh instance's start functions included)
+    /// and its waits in host calls, not its waits for a turn while other messages run.
     #[serde(default = "default_timeout", deserialize_with = "duration")]
     pub timeout: Duration,
-    /// Largest linear memory the plugin may grow to, e.g. `64MiB`.
+    /// Largest linear memory the plugin may grow to, e.g. `64MiB`. Also the largest
+    /// body a send to it may carry: a larger one could not be copied into the plugin.
     #[serde(default = "default_memory_limit", deserialize_with = "byte_size")]
     pub memory_limit: u64,
     /// Deliveries (first one included) before a requeued or failing message is dead-lettered.
@@ -198,6 +207,16 @@ pub struct ProcessorConfig {
     /// instance per message, no state leaks. More is faster but shares guest state.
     #[serde(default = "default_instance_reuse")]
     pub instance_reuse: u32,
+    /// Total bytes the sends of one call may store (each delivery's body and headers);
+    /// past it `producer.send` answers `invalid`. A runaway plugin otherwise makes the
+    /// host hold up to 10,000 × 16 MiB until the message settles.
+    #[serde(default = "default_max_send_bytes", deserialize_with = "byte_size")]
+    pub max_send_bytes: u64,
+    /// Log text one call may write (stdout, stderr and `log.log` together); the rest
+    /// is dropped and one warning says how much, so a plugin cannot flood the log.
+    /// `0` keeps a plugin silent.
+    #[serde(default = "default_max_output_bytes", deserialize_with = "byte_size")]
+    pub max_output_bytes: u64,
     /// Key/values the plugin reads through the `config` import.
     #[serde(default, deserialize_with = "plugin_config")]
     pub config: BTreeMap<String, String>,
@@ -226,6 +245,12 @@ fn default_true() -> bool {
 }
 fn default_instance_reuse() -> u32 {
     1
+}
+fn default_max_send_bytes() -> u64 {
+    64 << 20
+}
+fn default_max_output_bytes() -> u64 {
+    64 << 10
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -275,9 +300,9 @@ fn plugin_config<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Str
 impl Config {
     /// Reads, parses and validates the file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         let base_dir = path
             .parent()
@@ -291,9 +316,9 @@ impl Config {
 
     /// Parses without validating: for tests and for tools that only need the shape.
     pub fn parse(text: &str, path: &Path, base_dir: &Path) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|error| ConfigError::Parse {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         config.base_dir = base_dir.to_path_buf();
         config.path = path.to_path_buf();
@@ -383,6 +408,12 @@ impl Config {
                     "{at}: `instance_reuse` = 0: use 1 for a fresh instance per message, or N to reuse one for N messages"
                 ));
             }
+            if !(1..=MAX_SEND_BYTES_LIMIT).contains(&p.max_send_bytes) {
+                problems.push(format!(
+                    "{at}: `max_send_bytes` = {} bytes is out of range: use between 1 byte and 1GiB (a call's sends are held in memory until its message settles)",
+                    p.max_send_bytes
+                ));
+            }
             if p.retry_backoff_max < p.retry_backoff {
                 problems.push(format!(
                     "{at}: `retry_backoff_max` is smaller than `retry_backoff`"
@@ -448,6 +479,8 @@ mod tests {
         assert_eq!(p.memory_limit, 64 << 20);
         assert_eq!(p.max_attempts, 5);
         assert_eq!(p.instance_reuse, 1);
+        assert_eq!(p.max_send_bytes, 64 << 20);
+        assert_eq!(p.max_output_bytes, 64 << 10);
         assert!(p.dead_letter);
         assert!(p.topics.is_none());
     }
@@ -463,6 +496,8 @@ mod tests {
             "the demo relies on subscribed-topics"
         );
         assert_eq!(indexer.config["index"], "products");
+        assert_eq!(indexer.max_send_bytes, default_max_send_bytes());
+        assert_eq!(indexer.max_output_bytes, default_max_output_bytes());
         assert_eq!(
             c.processors[1].topics.as_deref(),
             Some(&["search.indexed".to_string()][..])
@@ -497,6 +532,22 @@ mod tests {
     }
 
     #[test]
+    fn read_and_parse_errors_print_their_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wasmq.toml");
+        let cause = std::fs::read(&path).unwrap_err().to_string();
+        let text = format!(
+            "{:#}",
+            anyhow::Error::from(Config::load(&path).unwrap_err())
+        );
+        assert_eq!(text.matches(&cause).count(), 1, "{text}");
+
+        let bad = parse("[transport\n").unwrap_err();
+        let text = format!("{:#}", anyhow::Error::from(bad));
+        assert_eq!(text.matches("unclosed table").count(), 1, "{text}");
+    }
+
+    #[test]
     fn plugin_config_accepts_scalars_as_strings() {
         let c = parse("[[processor]]\nname = \"a\"\nplugin = \"a.wasm\"\n[processor.config]\nbatch = 100\nx = true\ny = \"s\"\n").unwrap();
         let cfg = &c.processors[0].config;
@@ -510,7 +561,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("plugins")).unwrap();
         let text = "[transport]\ndsn = \"redis://x\"\n\
-            [[processor]]\nname = \"a\"\nplugin = \"missing.wasm\"\nmax_attempts = 0\n\
+            [[processor]]\nname = \"a\"\nplugin = \"missing.wasm\"\nmax_attempts = 0\nmax_send_bytes = \"2GiB\"\n\
             [[processor]]\nname = \"a\"\nplugin = \"missing.wasm\"\n";
         let c = Config::parse(text, &dir.path().join("wasmq.toml"), dir.path()).unwrap();
         let err = c.validate().unwrap_err().to_string();
@@ -521,5 +572,9 @@ mod tests {
         );
         assert!(err.contains("two processors are named \"a\""), "{err}");
         assert!(err.contains("max_attempts"), "{err}");
+        assert!(
+            err.contains("`max_send_bytes` = 2147483648 bytes is out of range"),
+            "{err}"
+        );
     }
 }

@@ -125,6 +125,19 @@ pub struct Envelope {
     pub options: SendOptions,
 }
 
+impl Envelope {
+    /// What storing it takes, as far as its sender controls: body plus headers.
+    pub fn stored_bytes(&self) -> u64 {
+        let headers: usize = self
+            .options
+            .headers
+            .iter()
+            .map(|(name, value)| name.len() + value.len())
+            .sum();
+        (self.body.len() + headers) as u64
+    }
+}
+
 /// Milliseconds since the Unix epoch, the time unit of every stored timestamp.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -150,5 +163,20 @@ mod tests {
             err.contains("\"urgent\"") && err.contains("very-high"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn stored_bytes_count_body_and_headers() {
+        let envelope = Envelope {
+            queue: "q".into(),
+            processor: "p".into(),
+            topic: "t".into(),
+            body: vec![0; 10],
+            options: SendOptions {
+                headers: vec![("ab".into(), "cde".into())],
+                ..SendOptions::default()
+            },
+        };
+        assert_eq!(envelope.stored_bytes(), 15);
     }
 }

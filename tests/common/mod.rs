@@ -64,6 +64,15 @@ impl Output {
         self
     }
 
+    /// The first line of stderr (the log) that contains `needle`; fails the test
+    /// with the whole log when there is none.
+    pub fn log_line(&self, needle: &str) -> &str {
+        self.stderr
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no log line contains {needle:?}:\n{}", self.stderr))
+    }
+
     pub fn assert_failure(&self) -> &Output {
         assert!(
             !self.status.success(),
@@ -335,6 +344,15 @@ impl Env {
         out.stdout.lines().map(str::to_string).collect()
     }
 
+    /// `wasmq consume -v` of `limit` messages from `queue`, plus `extra` arguments;
+    /// -v logs a `processed` line per message.
+    pub fn consume(&self, queue: &str, limit: u32, extra: &[&str]) -> Output {
+        let limit = limit.to_string();
+        let mut args = vec!["consume", "--queue", queue, "--message-limit", &limit, "-v"];
+        args.extend_from_slice(extra);
+        self.run(&args)
+    }
+
     /// Runs SQL against the test's database (as any SQL client could).
     pub fn sql<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> T {
         let conn = Connection::open(self.db_path()).expect("opening the test database");
@@ -383,6 +401,19 @@ impl Env {
             )
         })
     }
+}
+
+/// The `duration_ms` of a consumer's `processed` log line (printed with -v).
+pub fn duration_ms(line: &str) -> f64 {
+    line.split("duration_ms=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| {
+            n.trim_matches(|c: char| !c.is_ascii_digit() && c != '.')
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no duration in {line:?}"))
 }
 
 /// `[[processor]]` tables used by many tests: `scripted` on `test.scripted` in queue

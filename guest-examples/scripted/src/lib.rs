@@ -3,9 +3,13 @@
 //!
 //! - it always prints `processing <id> attempt <attempt>` to stdout;
 //! - `x-sleep-ms: N` sleeps N milliseconds first;
+//! - `x-work: N` computes for N rounds of arithmetic the optimizer cannot skip (CPU
+//!   only, no host calls), for tests of how time is counted;
+//! - `x-print-bytes: N` writes N bytes to stderr, in lines of 1 KiB;
 //! - `x-send: TOPIC` sends a JSON echo of the message (`id`, `body`, `attempt`,
 //!   `redelivered`, `priority`) to TOPIC; without that header, the `forward_to`
 //!   config value, when set, names the topic instead. A failed send requeues;
+//! - `x-send-count: N` sends that echo N times (default 1);
 //! - `x-answer: ack|reject|requeue` picks the returned status (default `ack`);
 //! - `x-trap: yes` panics after sending (so the send must be discarded);
 //! - the echo's `instance_calls` counts the calls this instance has served, which
@@ -13,6 +17,7 @@
 
 wit_bindgen::generate!({ path: "../../wit", world: "processor" });
 
+use std::io::Write;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -44,6 +49,30 @@ fn priority_name(priority: Priority) -> &'static str {
     }
 }
 
+/// Burns CPU: `rounds` steps of a hash that `black_box` keeps the optimizer from
+/// folding away.
+fn work(rounds: u64) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for round in 0..rounds {
+        hash = std::hint::black_box((hash ^ round).wrapping_mul(0x0100_0000_01b3));
+    }
+    hash
+}
+
+/// Writes `bytes` bytes of `x` lines to stderr.
+fn print_to_stderr(mut bytes: usize) {
+    let mut line = vec![b'x'; 1 << 10];
+    line[(1 << 10) - 1] = b'\n';
+    let mut stderr = std::io::stderr().lock();
+    while bytes > 0 {
+        let chunk = bytes.min(line.len());
+        stderr
+            .write_all(&line[..chunk])
+            .expect("stderr is the host's log");
+        bytes -= chunk;
+    }
+}
+
 impl Guest for Scripted {
     fn subscribed_topics() -> Vec<String> {
         vec!["test.scripted".to_string()]
@@ -57,6 +86,22 @@ impl Guest for Scripted {
             match ms.parse::<u64>() {
                 Ok(ms) => std::thread::sleep(Duration::from_millis(ms)),
                 Err(err) => eprintln!("scripted: ignoring x-sleep-ms {ms:?}: {err}"),
+            }
+        }
+
+        if let Some(rounds) = header(&message, "x-work") {
+            match rounds.parse::<u64>() {
+                Ok(rounds) => {
+                    std::hint::black_box(work(rounds));
+                }
+                Err(err) => eprintln!("scripted: ignoring x-work {rounds:?}: {err}"),
+            }
+        }
+
+        if let Some(bytes) = header(&message, "x-print-bytes") {
+            match bytes.parse::<usize>() {
+                Ok(bytes) => print_to_stderr(bytes),
+                Err(err) => eprintln!("scripted: ignoring x-print-bytes {bytes:?}: {err}"),
             }
         }
 
@@ -79,9 +124,12 @@ impl Guest for Scripted {
                 delay_ms: None,
                 headers: Vec::new(),
             };
-            if let Err(err) = producer::send(&topic, &body, &options) {
-                eprintln!("scripted: send to {topic} failed: {err:?}");
-                return Status::Requeue;
+            let count = header(&message, "x-send-count").map_or(1, |n| n.parse().unwrap_or(1));
+            for _ in 0..count {
+                if let Err(err) = producer::send(&topic, &body, &options) {
+                    eprintln!("scripted: send to {topic} failed: {err:?}");
+                    return Status::Requeue;
+                }
             }
         }
 

@@ -2,6 +2,7 @@
 //! disk), and a fresh sandboxed instance per message.
 //!
 //! - [`engine`]: engine settings and the epoch ticker behind timeouts.
+//! - [`call_clock`]: the time a call has used of its `timeout`.
 //! - [`cache`]: compiled components on disk, by content and engine hash.
 //! - [`bindings`]: the WIT bindings (the only place `bindgen!` runs).
 //! - [`state`], [`output`], `host`: what a store holds and the host imports.
@@ -10,6 +11,7 @@
 
 pub mod bindings;
 pub mod cache;
+pub mod call_clock;
 pub mod engine;
 mod host;
 pub mod output;
@@ -26,14 +28,20 @@ use crate::config::ProcessorConfig;
 use crate::runtime::processor::LoadedProcessor;
 use crate::runtime::state::PluginState;
 
+/// Causes are written into the message, never chained as a `source` as well, so each
+/// is printed once however the error is formatted.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RuntimeError {
-    #[error("cannot read plugin file {path:?}: {source}")]
+    #[error("cannot read plugin file {path:?}: {error}")]
     ReadPlugin {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
+    #[error(
+        "plugin {plugin:?} is not a WebAssembly file: {found}; build it with `cargo build --target wasm32-wasip2` and copy the .wasm it makes"
+    )]
+    NotWasm { plugin: PathBuf, found: String },
     #[error(
         "plugin {plugin:?} is not a valid WebAssembly component: {reason}; build it with `cargo build --target wasm32-wasip2`"
     )]
@@ -84,10 +92,16 @@ impl Runtime {
         config: &ProcessorConfig,
         path: &Path,
     ) -> Result<LoadedProcessor, RuntimeError> {
-        let bytes = std::fs::read(path).map_err(|source| RuntimeError::ReadPlugin {
+        let bytes = std::fs::read(path).map_err(|error| RuntimeError::ReadPlugin {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
+        if let Some(found) = not_wasm(&bytes) {
+            return Err(RuntimeError::NotWasm {
+                plugin: path.to_path_buf(),
+                found,
+            });
+        }
         let hash = cache::content_hash(&bytes);
         let component = {
             let (engine, cache_dir, path, hash) = (
@@ -112,5 +126,50 @@ impl Runtime {
             hash,
         )
         .await
+    }
+}
+
+/// Every WebAssembly file, module or component, starts with these four bytes.
+const WASM_MAGIC: &[u8; 4] = b"\0asm";
+
+/// What a file that is not WebAssembly starts with, in one line; `None` for Wasm.
+/// Checked before compiling, whose error for such a file is a multi-line dump.
+fn not_wasm(bytes: &[u8]) -> Option<String> {
+    if bytes.starts_with(WASM_MAGIC) {
+        return None;
+    }
+    if bytes.is_empty() {
+        return Some("the file is empty".into());
+    }
+    let start: Vec<String> = bytes.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    Some(format!("it starts with {}, not \\0asm", start.join(" ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_that_is_not_wasm_is_described_in_one_line() {
+        assert_eq!(not_wasm(b"\0asm\x0d\0\x01\0"), None);
+        assert_eq!(
+            not_wasm(&[0x9a, 0x4b, 0x24, 0x92, 0x00]).as_deref(),
+            Some("it starts with 9a 4b 24 92, not \\0asm")
+        );
+        assert_eq!(
+            not_wasm(b"#!").as_deref(),
+            Some("it starts with 23 21, not \\0asm")
+        );
+        assert_eq!(not_wasm(b"").as_deref(), Some("the file is empty"));
+    }
+
+    #[test]
+    fn a_read_error_prints_its_cause_once() {
+        let error = RuntimeError::ReadPlugin {
+            path: "p.wasm".into(),
+            error: std::io::Error::other("disk on fire"),
+        };
+        let text = format!("{:#}", anyhow::Error::from(error));
+        assert_eq!(text.matches("disk on fire").count(), 1, "{text}");
     }
 }

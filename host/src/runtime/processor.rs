@@ -20,12 +20,9 @@ use crate::message::{Envelope, Message, Status};
 use crate::router::Router;
 use crate::runtime::RuntimeError;
 use crate::runtime::bindings::{Processor, ProcessorPre, types};
+use crate::runtime::call_clock::{CallClock, OverBudget};
 use crate::runtime::output::{LogStream, PluginOutput, Stream};
 use crate::runtime::state::{PluginInfo, PluginState};
-
-/// Extra time given to a call stuck in a host await (a guest sleeping through WASI)
-/// beyond the epoch deadline, which only fires while guest code runs.
-const HOST_TIMEOUT_GRACE: Duration = Duration::from_millis(200);
 
 /// Warm instances kept per processor at most (with `instance_reuse`); each holds a
 /// pool slot, so this stays small next to the pool's size.
@@ -36,7 +33,8 @@ const MAX_WARM_INSTANCES: usize = 16;
 pub enum Failure {
     /// The guest trapped (a Rust panic, an out-of-bounds access, ...).
     Trap(String),
-    /// `process` ran past the processor's `timeout`.
+    /// The call used up the processor's `timeout`: time running and waiting on the
+    /// host, a fresh instance's start included, not time queued behind other messages.
     Timeout(Duration),
     /// The guest tried to grow its memory past `memory_limit`.
     Memory(u64),
@@ -49,7 +47,10 @@ impl fmt::Display for Failure {
         match self {
             Failure::Trap(why) => write!(f, "trap: {why}"),
             Failure::Timeout(limit) => {
-                write!(f, "timeout: process did not return within {limit:?}")
+                write!(
+                    f,
+                    "timeout: the call ran past its timeout of {limit:?} (running or waiting on the host)"
+                )
             }
             Failure::Memory(limit) => write!(
                 f,
@@ -112,6 +113,7 @@ impl LoadedProcessor {
             info: Arc::new(PluginInfo {
                 name: config.name.as_str().into(),
                 config: config.config.clone(),
+                max_send_bytes: config.max_send_bytes,
             }),
             engine: engine.clone(),
             pre,
@@ -128,7 +130,7 @@ impl LoadedProcessor {
     }
 
     fn new_store(&self, router: Arc<Router>) -> Store<PluginState> {
-        let output = PluginOutput::new(self.info.name.clone());
+        let output = PluginOutput::new(self.info.name.clone(), self.config.max_output_bytes);
         let wasi = WasiCtxBuilder::new()
             .stdout(LogStream::new(Stream::Stdout, output.clone()))
             .stderr(LogStream::new(Stream::Stderr, output.clone()))
@@ -147,7 +149,7 @@ impl LoadedProcessor {
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_callback(|mut ctx| {
             let call = &mut ctx.data_mut().call;
-            if Instant::now() >= call.deadline {
+            if call.clock.exhausted() {
                 call.timed_out = true;
                 return Err(wasmtime::format_err!("timeout"));
             }
@@ -156,19 +158,40 @@ impl LoadedProcessor {
         store
     }
 
-    fn arm(&self, store: &mut Store<PluginState>, router: Arc<Router>, message_id: &str) {
+    /// Readies the store for one call and returns the call's clock: a single budget
+    /// of `timeout` for all the call runs, a fresh instance's start functions included.
+    fn arm(
+        &self,
+        store: &mut Store<PluginState>,
+        router: Arc<Router>,
+        message_id: &str,
+    ) -> Arc<CallClock> {
+        let clock = CallClock::new(self.config.timeout);
         let state = store.data_mut();
         state.call.router = router;
         state.call.sends.clear();
-        state.call.deadline = Instant::now() + self.config.timeout;
+        state.call.send_bytes = 0;
+        state.call.clock = clock.clone();
         state.call.timed_out = false;
         state.limiter.exceeded = false;
         if let Ok(mut output) = state.output.lock() {
-            output.message_id.clear();
-            output.message_id.push_str(message_id);
-            output.last_stderr.clear();
+            output.begin_call(message_id);
         }
         store.set_epoch_deadline(1);
+        clock
+    }
+
+    /// What a metered guest call came to: its value, or why there is none.
+    fn result_of<T>(
+        &self,
+        store: &Store<PluginState>,
+        result: Result<wasmtime::Result<T>, OverBudget>,
+    ) -> Result<T, Failure> {
+        match result {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(self.classify(store, &e)),
+            Err(OverBudget) => Err(Failure::Timeout(self.config.timeout)),
+        }
     }
 
     fn classify(&self, store: &Store<PluginState>, error: &wasmtime::Error) -> Failure {
@@ -183,7 +206,7 @@ impl LoadedProcessor {
         let lines = state
             .output
             .lock()
-            .map(|o| o.last_stderr.join(" / "))
+            .map(|o| o.last_stderr())
             .unwrap_or_default();
         if !lines.is_empty() {
             why.push_str(&format!(" (stderr: {lines})"));
@@ -191,42 +214,37 @@ impl LoadedProcessor {
         Failure::Trap(why)
     }
 
-    async fn instantiate(&self, store: &mut Store<PluginState>) -> Result<Processor, Failure> {
-        // Start functions run guest code too: they get the same deadline as `process`.
-        let limit = self.config.timeout + HOST_TIMEOUT_GRACE;
-        match tokio::time::timeout(limit, self.pre.instantiate_async(&mut *store)).await {
-            Ok(Ok(bindings)) => Ok(bindings),
-            Ok(Err(e)) => Err(match self.classify(store, &e) {
+    /// Instantiates on `clock`: start functions run guest code, so they spend the
+    /// call's budget like `process` does.
+    async fn instantiate(
+        &self,
+        store: &mut Store<PluginState>,
+        clock: &Arc<CallClock>,
+    ) -> Result<Processor, Failure> {
+        let result = clock.meter(self.pre.instantiate_async(&mut *store)).await;
+        self.result_of(store, result)
+            .map_err(|failure| match failure {
                 Failure::Trap(why) => Failure::Instantiate(why),
                 other => other,
-            }),
-            Err(_) => Err(Failure::Timeout(self.config.timeout)),
-        }
+            })
     }
 
     /// Calls `subscribed-topics` on a fresh instance.
     async fn subscribed_topics(&self) -> Result<Vec<String>, RuntimeError> {
-        let failed = |reason: String| RuntimeError::SubscribedTopics {
+        let failed = |f: Failure| RuntimeError::SubscribedTopics {
             processor: self.config.name.clone(),
             plugin: self.path.clone(),
-            reason,
+            reason: f.to_string(),
         };
         let router = Arc::new(Router::default());
         let mut store = self.new_store(router.clone());
-        self.arm(&mut store, router, "subscribed-topics");
-        let bindings = self
-            .instantiate(&mut store)
-            .await
-            .map_err(|f| failed(f.to_string()))?;
+        let clock = self.arm(&mut store, router, "subscribed-topics");
+        let bindings = self.instantiate(&mut store, &clock).await.map_err(failed)?;
         let call = bindings
             .wasmq_plugin_handler()
             .call_subscribed_topics(&mut store);
-        let topics =
-            match tokio::time::timeout(self.config.timeout + HOST_TIMEOUT_GRACE, call).await {
-                Ok(Ok(topics)) => topics,
-                Ok(Err(e)) => return Err(failed(self.classify(&store, &e).to_string())),
-                Err(_) => return Err(failed(Failure::Timeout(self.config.timeout).to_string())),
-            };
+        let result = clock.meter(call).await;
+        let topics = self.result_of(&store, result).map_err(failed)?;
         if topics.is_empty() || topics.iter().any(|t| t.trim().is_empty()) {
             return Err(RuntimeError::NoTopics {
                 processor: self.config.name.clone(),
@@ -240,8 +258,8 @@ impl LoadedProcessor {
     pub async fn probe(&self) -> Result<(), RuntimeError> {
         let router = Arc::new(Router::default());
         let mut store = self.new_store(router.clone());
-        self.arm(&mut store, router, "check");
-        self.instantiate(&mut store)
+        let clock = self.arm(&mut store, router, "check");
+        self.instantiate(&mut store, &clock)
             .await
             .map(drop)
             .map_err(|f| RuntimeError::WrongWorld {
@@ -256,19 +274,19 @@ impl LoadedProcessor {
     pub async fn time_phases(&self, message: &Message, router: Arc<Router>) -> [Duration; 4] {
         let start = Instant::now();
         let mut store = self.new_store(router.clone());
-        self.arm(&mut store, router, &message.id);
+        let clock = self.arm(&mut store, router, &message.id);
         let stored = Instant::now();
         let bindings = self
-            .instantiate(&mut store)
+            .instantiate(&mut store, &clock)
             .await
             .expect("the benchmark plugin instantiates");
         let instantiated = Instant::now();
         let wit_message = types::Message::from(message);
-        let status = bindings
+        let call = bindings
             .wasmq_plugin_handler()
-            .call_process(&mut store, &wit_message)
-            .await;
-        assert!(status.is_ok(), "the benchmark plugin answers");
+            .call_process(&mut store, &wit_message);
+        let status = clock.meter(call).await;
+        assert!(matches!(status, Ok(Ok(_))), "the benchmark plugin answers");
         let called = Instant::now();
         drop(store);
         let dropped = Instant::now();
@@ -280,36 +298,38 @@ impl LoadedProcessor {
         ]
     }
 
-    /// Runs one message through the plugin.
+    /// Runs one message through the plugin: on a warm instance when `instance_reuse`
+    /// kept one, else on a fresh one, whose start shares the message's `timeout`.
     pub async fn process(&self, message: &Message, router: Arc<Router>) -> Processed {
         let warm = self.warm.lock().ok().and_then(|mut w| w.pop());
-        let (mut store, bindings, used) = match warm {
-            Some(w) => (w.store, w.bindings, w.used),
-            None => {
-                let mut store = self.new_store(router.clone());
-                self.arm(&mut store, router.clone(), &message.id);
-                match self.instantiate(&mut store).await {
-                    Ok(bindings) => (store, bindings, 0),
-                    Err(failure) => {
-                        return Processed {
-                            outcome: Outcome::Failed(failure),
-                            sends: Vec::new(),
-                        };
-                    }
-                }
-            }
+        let (mut store, warm_bindings, used) = match warm {
+            Some(w) => (w.store, Some(w.bindings), w.used),
+            None => (self.new_store(router.clone()), None, 0),
         };
-        self.arm(&mut store, router, &message.id);
+        let clock = self.arm(&mut store, router, &message.id);
+        let bindings = match warm_bindings {
+            Some(bindings) => bindings,
+            None => match self.instantiate(&mut store, &clock).await {
+                Ok(bindings) => bindings,
+                Err(failure) => {
+                    finish_output(&store);
+                    return Processed {
+                        outcome: Outcome::Failed(failure),
+                        sends: Vec::new(),
+                    };
+                }
+            },
+        };
         let wit_message = types::Message::from(message);
         let call = bindings
             .wasmq_plugin_handler()
             .call_process(&mut store, &wit_message);
-        let result = tokio::time::timeout(self.config.timeout + HOST_TIMEOUT_GRACE, call).await;
-        let outcome = match result {
-            Ok(Ok(status)) => Outcome::Answered(status.into()),
-            Ok(Err(e)) => Outcome::Failed(self.classify(&store, &e)),
-            Err(_) => Outcome::Failed(Failure::Timeout(self.config.timeout)),
+        let result = clock.meter(call).await;
+        let outcome = match self.result_of(&store, result) {
+            Ok(status) => Outcome::Answered(status.into()),
+            Err(failure) => Outcome::Failed(failure),
         };
+        finish_output(&store);
         let sends = std::mem::take(&mut store.data_mut().call.sends);
         let used = used + 1;
         if matches!(outcome, Outcome::Answered(_)) && used < self.config.instance_reuse {
@@ -326,5 +346,12 @@ impl LoadedProcessor {
             }
         }
         Processed { outcome, sends }
+    }
+}
+
+/// Ends a call's output: its partial lines, and the warning if the cap dropped any.
+fn finish_output(store: &Store<PluginState>) {
+    if let Ok(mut output) = store.data().output.lock() {
+        output.finish_call();
     }
 }

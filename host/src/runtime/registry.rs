@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::config::{Config, ProcessorConfig};
-use crate::router::Router;
+use crate::router::{Route, Router};
 use crate::runtime::processor::LoadedProcessor;
 use crate::runtime::{Runtime, RuntimeError};
 
@@ -46,7 +46,7 @@ impl Registry {
             let slot = match runtime.load(p, &config.plugin_path(p)).await {
                 Ok(loaded) => {
                     for topic in &loaded.topics {
-                        router.subscribe(topic, &p.name, &p.queue);
+                        router.subscribe(topic, Route::to(p));
                     }
                     Slot::Ready(Arc::new(loaded))
                 }
@@ -54,7 +54,7 @@ impl Registry {
                     // Configured topics still route, so senders are not refused while
                     // the plugin is being fixed; its messages wait in the queue.
                     for topic in p.topics.iter().flatten() {
-                        router.subscribe(topic, &p.name, &p.queue);
+                        router.subscribe(topic, Route::to(p));
                     }
                     let slot = Slot::Broken {
                         config: Box::new(p.clone()),

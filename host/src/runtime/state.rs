@@ -2,7 +2,7 @@
 //! state of the call in progress.
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::Duration;
 
 use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
@@ -10,6 +10,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::message::Envelope;
 use crate::router::Router;
+use crate::runtime::call_clock::CallClock;
 use crate::runtime::output::PluginOutput;
 
 /// Tables larger than this are refused: no honest plugin needs more entries.
@@ -22,6 +23,8 @@ pub struct PluginInfo {
     pub name: Arc<str>,
     /// The processor's `[processor.config]`.
     pub config: std::collections::BTreeMap<String, String>,
+    /// The processor's `max_send_bytes`: what the sends of one call may store in total.
+    pub max_send_bytes: u64,
 }
 
 /// Enforces `memory_limit` and remembers that it did, so the failure is reported as
@@ -61,8 +64,12 @@ pub struct CallState {
     pub router: Arc<Router>,
     /// Sends held back until the message is acknowledged.
     pub sends: Vec<Envelope>,
-    /// The epoch callback traps after this instant.
-    pub deadline: Instant,
+    /// [`Envelope::stored_bytes`] of `sends`, checked against `max_send_bytes`.
+    pub send_bytes: u64,
+    /// The call's budget: the epoch callback traps once it is used up.
+    pub clock: Arc<CallClock>,
+    /// Set by the epoch callback when it trapped for the budget, so the trap is
+    /// reported as a timeout.
     pub timed_out: bool,
 }
 
@@ -93,21 +100,14 @@ impl PluginState {
             call: CallState {
                 router,
                 sends: Vec::new(),
-                deadline: Instant::now(),
+                send_bytes: 0,
+                clock: CallClock::new(Duration::ZERO),
                 timed_out: false,
             },
             output,
             wasi,
             table: ResourceTable::new(),
         }
-    }
-
-    /// The id of the message in progress, for log lines.
-    pub fn message_id(&self) -> String {
-        self.output
-            .lock()
-            .map(|o| o.message_id.clone())
-            .unwrap_or_default()
     }
 }
 

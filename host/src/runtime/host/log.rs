@@ -1,4 +1,5 @@
-//! `log.log`: a plugin's own log lines, tagged with its name and the message id.
+//! `log.log`: a plugin's own log lines, tagged with its name and the message id, and
+//! counted with its stdout and stderr against `max_output_bytes`.
 
 use wasmtime::component::{HasSelf, Linker};
 
@@ -20,8 +21,26 @@ impl Host for PluginState {
             text.truncate(cut);
             text.push('…');
         }
+        let shown = match level {
+            Level::Trace => tracing::enabled!(target: "wasmq::plugin", tracing::Level::TRACE),
+            Level::Debug => tracing::enabled!(target: "wasmq::plugin", tracing::Level::DEBUG),
+            Level::Info => tracing::enabled!(target: "wasmq::plugin", tracing::Level::INFO),
+            Level::Warn => tracing::enabled!(target: "wasmq::plugin", tracing::Level::WARN),
+            Level::Error => tracing::enabled!(target: "wasmq::plugin", tracing::Level::ERROR),
+        };
+        // Text the log would not show does not count against max_output_bytes.
+        if !shown {
+            return;
+        }
+        let Ok(mut output) = self.output.lock() else {
+            return;
+        };
+        if !output.admit(text.len()) {
+            return;
+        }
+        let message_id = output.message_id.clone();
+        drop(output);
         let plugin = &*self.plugin.name;
-        let message_id = self.message_id();
         match level {
             Level::Trace => {
                 tracing::trace!(target: "wasmq::plugin", plugin = %plugin, message_id = %message_id, "{text}")

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use wasmtime::component::{HasSelf, Linker};
 
-use crate::message::SendOptions;
+use crate::message::{Envelope, SendOptions};
+use crate::router::RouteError;
 use crate::runtime::bindings::producer::{self, Host};
 use crate::runtime::bindings::types;
 use crate::runtime::state::PluginState;
@@ -40,13 +41,24 @@ impl Host for PluginState {
             delay: Duration::from_millis(options.delay_ms.unwrap_or(0)),
             headers: options.headers,
         };
-        match self.call.router.route(&topic, &body, &options) {
-            Ok(envelopes) => {
-                self.call.sends.extend(envelopes);
-                Ok(())
+        let envelopes = match self.call.router.route(&topic, &body, &options) {
+            Ok(envelopes) => envelopes,
+            Err(RouteError::Unroutable(e)) => {
+                return Err(types::SendError::Unroutable(e.to_string()));
             }
-            Err(unroutable) => Err(types::SendError::Unroutable(unroutable.to_string())),
+            Err(e) => return Err(types::SendError::Invalid(e.to_string())),
+        };
+        let bytes: u64 = envelopes.iter().map(Envelope::stored_bytes).sum();
+        let total = self.call.send_bytes + bytes;
+        if total > self.plugin.max_send_bytes {
+            return Err(types::SendError::Invalid(format!(
+                "this send would bring what this call sent to {total} bytes (bodies and headers, a copy per subscribed processor), past max_send_bytes = {} of processor {:?}: send less while handling one message, or raise `max_send_bytes` in its [[processor]] table",
+                self.plugin.max_send_bytes, self.plugin.name
+            )));
         }
+        self.call.send_bytes = total;
+        self.call.sends.extend(envelopes);
+        Ok(())
     }
 }
 
