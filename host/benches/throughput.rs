@@ -153,6 +153,17 @@ fn seed_delayed(path: &Path, rows: u64) {
     .unwrap();
 }
 
+/// Acknowledges one delivery and waits until that is durable.
+async fn ack_durably(delivery: Delivery) {
+    delivery
+        .handle
+        .settle(Settlement::Ack { sends: Vec::new() })
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
 /// (e): µs per claim of one message and its acknowledgement, one at a time.
 async fn claim_latency(transport: &SqliteTransport, n: usize) -> f64 {
     seed(transport, n).await;
@@ -160,13 +171,7 @@ async fn claim_latency(transport: &SqliteTransport, n: usize) -> f64 {
     let start = Instant::now();
     for _ in 0..n {
         for delivery in claim(&mut receiver, 1).await {
-            delivery
-                .handle
-                .settle(Settlement::Ack { sends: Vec::new() })
-                .await
-                .unwrap()
-                .await
-                .unwrap();
+            ack_durably(delivery).await;
         }
     }
     receiver.close().await.unwrap();
@@ -263,13 +268,7 @@ async fn wake_up(path: &Path, idle: Duration) -> f64 {
     let (sent_at, batch) = tokio::join!(send, claim(&mut receiver, 1));
     let seen_at = Instant::now();
     for delivery in batch {
-        delivery
-            .handle
-            .settle(Settlement::Ack { sends: Vec::new() })
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        ack_durably(delivery).await;
     }
     receiver.close().await.unwrap();
     (seen_at - sent_at).as_secs_f64() * 1e3
