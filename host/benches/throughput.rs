@@ -91,6 +91,7 @@ async fn receiver_on(transport: &SqliteTransport, queue: &str) -> Box<dyn Receiv
                 queue: queue.into(),
                 processor: "noop".into(),
             }],
+            held_back: Vec::new(),
             heartbeat_timeout: Duration::from_secs(30),
             orphan_timeout: Duration::from_secs(24 * 3600),
         })
@@ -98,12 +99,11 @@ async fn receiver_on(transport: &SqliteTransport, queue: &str) -> Box<dyn Receiv
         .unwrap()
 }
 
-/// Claims up to `max` with nothing in flight, as an idle consumer does.
+/// Claims up to `max`.
 async fn claim(receiver: &mut Box<dyn Receiver>, max: usize) -> Vec<Delivery> {
-    match receiver.next_batch(max, true).await.unwrap() {
+    match receiver.next_batch(max).await.unwrap() {
         Batch::Shared(deliveries) => deliveries,
         Batch::Alone(delivery) => vec![delivery],
-        Batch::AloneWaiting => unreachable!("an idle claim takes the waiting message"),
     }
 }
 

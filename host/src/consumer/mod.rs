@@ -7,8 +7,8 @@
 //! settlements of concurrent messages commit together.
 //!
 //! A message whose last delivery ended without a settlement (its consumer died) runs
-//! alone: it is claimed only when every slot is free, and holds them all until it
-//! settles. If it kills this consumer too, the attempt is charged to it and to no
+//! alone: once claimed, it waits until every slot is free, and holds them all until
+//! it settles. If it kills this consumer too, the attempt is charged to it and to no
 //! innocent neighbour, and a message that keeps killing consumers is dead-lettered at
 //! `max_attempts`.
 
@@ -75,18 +75,26 @@ pub async fn run(
     options: ConsumeOptions,
     shutdown: CancellationToken,
 ) -> Result<StopReason, ConsumeError> {
-    let subscriptions: Vec<Subscription> = registry
-        .processors
-        .iter()
-        .map(|(name, slot)| Subscription {
+    // A processor whose plugin does not load is held back: its messages wait,
+    // unclaimed and with their attempts intact, until a consumer can run them.
+    let (mut subscriptions, mut held_back) = (Vec::new(), Vec::new());
+    for (name, slot) in &registry.processors {
+        let subscription = Subscription {
             queue: slot.config().queue.clone(),
             processor: name.clone(),
-        })
-        .filter(|s| options.queues.contains(&s.queue))
-        .collect();
+        };
+        if !options.queues.contains(&subscription.queue) {
+            continue;
+        }
+        match slot {
+            Slot::Ready(_) => subscriptions.push(subscription),
+            Slot::Broken { .. } => held_back.push(subscription),
+        }
+    }
     let mut receiver = transport
         .receiver(ReceiverOptions {
             subscriptions,
+            held_back,
             heartbeat_timeout: options.heartbeat_timeout,
             orphan_timeout: options.orphan_timeout,
         })
@@ -100,6 +108,7 @@ pub async fn run(
     let tasks = TaskTracker::new();
     let settle_failure: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
     let mut claimed: u64 = 0;
+    let mut claim_failing = false;
     tracing::info!(queues = ?options.queues, concurrency, "consumer started");
 
     let reason = loop {
@@ -129,7 +138,6 @@ pub async fn run(
                 Err(_) => break,
             }
         }
-        let idle = held.num_permits() == concurrency;
         let room = options.message_limit.map_or(usize::MAX, |limit| {
             usize::try_from(limit - claimed).unwrap_or(usize::MAX)
         });
@@ -137,35 +145,41 @@ pub async fn run(
             biased;
             _ = stop.cancelled() => break StopReason::Signal,
             _ = until(deadline) => break StopReason::TimeLimit,
-            batch = receiver.next_batch(held.num_permits().min(room), idle) => batch,
+            batch = receiver.next_batch(held.num_permits().min(room)) => batch,
         };
         let deliveries = match batch {
-            Ok(Batch::Shared(deliveries)) => deliveries
-                .into_iter()
-                .map(|d| {
-                    let permit = held.split(1).expect("one permit was taken per delivery");
-                    (d, permit)
-                })
-                .collect(),
+            Ok(Batch::Shared(deliveries)) => {
+                claim_failing = false;
+                deliveries
+                    .into_iter()
+                    .map(|d| {
+                        let permit = held.split(1).expect("one permit was taken per delivery");
+                        (d, permit)
+                    })
+                    .collect()
+            }
             Ok(Batch::Alone(delivery)) => {
+                claim_failing = false;
                 tracing::info!(processor = %delivery.processor, message_id = %delivery.message.id,
                     attempt = delivery.message.attempt,
                     "running a message alone: its last delivery ended without a settlement");
-                vec![(delivery, held)]
-            }
-            Ok(Batch::AloneWaiting) => {
-                // Let what is in flight finish, so the waiting message can run alone.
+                // Every slot, once what is in flight has finished. Stopping first
+                // drops the delivery, which releases it to run alone elsewhere.
                 drop(held);
-                tokio::select! {
+                let all = tokio::select! {
                     biased;
                     _ = stop.cancelled() => break StopReason::Signal,
                     _ = until(deadline) => break StopReason::TimeLimit,
-                    all = slots.clone().acquire_many_owned(concurrency as u32) => drop(all),
-                }
-                continue;
+                    all = slots.clone().acquire_many_owned(concurrency as u32) => all.expect("the semaphore is never closed"),
+                };
+                vec![(delivery, all)]
             }
             Err(e) if e.is_retryable() => {
-                tracing::warn!(error = %e, "cannot claim messages yet; trying again");
+                // Another process holds the lock: say so once, not at every try.
+                if !claim_failing {
+                    tracing::warn!(error = %e, "cannot claim messages yet; trying again until the lock is free");
+                    claim_failing = true;
+                }
                 drop(held);
                 tokio::time::sleep(RETRY_PAUSE).await;
                 continue;

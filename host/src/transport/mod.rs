@@ -81,6 +81,11 @@ pub enum TransportError {
     Settle(String),
     #[error("the message store connection is closed (the consumer is shutting down)")]
     Closed,
+    #[error(
+        "one consumer cannot claim for {0} (queue, processor) pairs, at most {max}: run several consumers, each with some of the queues (`wasmq consume --queue`)",
+        max = crate::transport::MAX_SUBSCRIPTIONS
+    )]
+    TooManySubscriptions(usize),
 }
 
 impl TransportError {
@@ -113,6 +118,10 @@ pub enum Settlement {
     DeadLetter { error: String },
     /// Remove it without a trace (REJECT with `dead_letter = false`).
     Drop,
+    /// Give it back as if its consumer had died: the delivery ended without an
+    /// answer (its task panicked or was dropped). It is offered again at once, its
+    /// attempt counted, and runs alone.
+    Release { error: String },
 }
 
 /// Resolves once a settlement is durable.
@@ -154,21 +163,18 @@ pub enum Batch {
     /// Deliveries to run side by side.
     Shared(Vec<Delivery>),
     /// A delivery whose previous delivery ended without a settlement (its consumer
-    /// died, perhaps because of it): it runs with nothing else in flight, so a crash
-    /// is charged to the message that caused it.
+    /// died, perhaps because of it): the consumer runs it with nothing else in
+    /// flight, once what is in flight has finished, so a crash is charged to the
+    /// message that caused it. Claimed (reserved) at once, so other consumers go on.
     Alone(Delivery),
-    /// Such a delivery is waiting: finish what is in flight, then claim again with
-    /// `idle = true`.
-    AloneWaiting,
 }
 
 /// One consumer's view of its queues.
 #[async_trait]
 pub trait Receiver: Send {
-    /// Waits until something can be claimed, and claims at most `max` deliveries.
-    /// `idle` says the consumer has nothing in flight, so it may take a delivery that
-    /// must run alone. Cancel-safe: dropping the future claims nothing.
-    async fn next_batch(&mut self, max: usize, idle: bool) -> Result<Batch, TransportError>;
+    /// Waits until something can be claimed, and claims at most `max` deliveries,
+    /// or one that must run alone. Cancel-safe: dropping the future claims nothing.
+    async fn next_batch(&mut self, max: usize) -> Result<Batch, TransportError>;
 
     /// Waits until every settlement handed out is durable, then releases the consumer's
     /// registration.
@@ -191,8 +197,12 @@ pub struct DeadLetter {
     pub error: String,
 }
 
+/// Processors one consumer may claim for: SQLite merges one index read per
+/// processor in a single statement, and allows at most 500 in a compound SELECT.
+pub const MAX_SUBSCRIPTIONS: usize = 500;
+
 /// One processor a consumer can run, and the queue its deliveries wait in.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Subscription {
     pub queue: String,
     pub processor: String,
@@ -201,8 +211,12 @@ pub struct Subscription {
 /// Consumer-side settings a receiver needs.
 #[derive(Debug, Clone)]
 pub struct ReceiverOptions {
-    /// What this consumer claims: only deliveries for processors it has.
+    /// What this consumer claims: only deliveries for processors it can run.
     pub subscriptions: Vec<Subscription>,
+    /// Processors this consumer has but cannot run now (their plugin does not load):
+    /// not claimed, so their messages wait untouched, but recorded as present, so
+    /// they are not dead-lettered as orphans.
+    pub held_back: Vec<Subscription>,
     /// Claims not renewed for this long are taken over by other consumers.
     pub heartbeat_timeout: Duration,
     /// A message no consumer has had its processor for this long is dead-lettered.

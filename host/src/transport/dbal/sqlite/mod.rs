@@ -186,6 +186,9 @@ impl Transport for SqliteTransport {
             .busy_timeout(consumer::CONSUMER_BUSY_TIMEOUT.min(options.heartbeat_timeout / 4))
             .map_err(query_error("setting the consumer's busy timeout"))?;
         let watcher = connect(&self.path, Sync::Normal)?;
+        watcher
+            .busy_timeout(consumer::CONSUMER_BUSY_TIMEOUT)
+            .map_err(query_error("setting the consumer's busy timeout"))?;
         Ok(Box::new(consumer::SqliteReceiver::start(
             writer, watcher, options,
         )?))

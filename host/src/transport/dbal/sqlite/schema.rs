@@ -10,7 +10,7 @@ use crate::transport::TransportError;
 use crate::transport::dbal::query_error;
 
 /// Each entry moves the schema one version forward. Never edit a released entry: add one.
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     // 1: messages, claimed by lease, and the dead-letter table. There is deliberately no
     // index on claimed_by: it would be rewritten by every claim and settlement, and a
     // consumer renews its claims by id.
@@ -51,9 +51,11 @@ const MIGRATIONS: &[&str] = &[
     // - Rows not yet due (a delay or a retry backoff) wait in `wasmq_delayed`, and a
     //   claim moves those that are due. The queue table then holds only what can be
     //   claimed now and what is in flight, so a claim never walks past a million
-    //   delayed rows.
+    //   delayed rows. Version 1's waiting rows move there now.
     // - A partial index finds the claims in flight: expired ones (their consumer
     //   died) and the earliest lease end, without scanning the queue.
+    // - The columns a claim reads come before the body: reading a column after a
+    //   large body would read the body's overflow pages too.
     // - `wasmq_processors` records when a consumer last had each processor, so a
     //   message nobody can run is dead-lettered after `orphan_timeout`.
     "CREATE TABLE wasmq_messages_v2 (
@@ -61,58 +63,67 @@ const MIGRATIONS: &[&str] = &[
         id           TEXT    NOT NULL DEFAULT (lower(hex(randomblob(16)))),
         queue        TEXT    NOT NULL,
         processor    TEXT    NOT NULL,
-        topic        TEXT    NOT NULL,
-        body         BLOB    NOT NULL,
-        headers      TEXT    NOT NULL DEFAULT '[]',
         priority     INTEGER NOT NULL DEFAULT 2,
-        published_at INTEGER NOT NULL,
         -- when the row became claimable, or, while claimed, when the lease ends
         available_at INTEGER NOT NULL,
-        attempt      INTEGER NOT NULL DEFAULT 0,
         claimed_by   TEXT,
-        last_error   TEXT
+        attempt      INTEGER NOT NULL DEFAULT 0,
+        published_at INTEGER NOT NULL,
+        topic        TEXT    NOT NULL,
+        headers      TEXT    NOT NULL DEFAULT '[]',
+        last_error   TEXT,
+        body         BLOB    NOT NULL
     );
-    INSERT INTO wasmq_messages_v2 (seq, id, queue, processor, topic, body, headers, priority,
-                                   published_at, available_at, attempt, claimed_by, last_error)
-        SELECT id, CAST(id AS TEXT), queue, processor, topic, body, headers, priority,
-               published_at, available_at, attempt, claimed_by, last_error
-        FROM wasmq_messages;
+    CREATE TABLE wasmq_delayed (
+        seq          INTEGER PRIMARY KEY,
+        id           TEXT    NOT NULL DEFAULT (lower(hex(randomblob(16)))),
+        queue        TEXT    NOT NULL,
+        processor    TEXT    NOT NULL,
+        priority     INTEGER NOT NULL DEFAULT 2,
+        -- when the row moves to wasmq_messages
+        available_at INTEGER NOT NULL,
+        attempt      INTEGER NOT NULL DEFAULT 0,
+        published_at INTEGER NOT NULL,
+        topic        TEXT    NOT NULL,
+        headers      TEXT    NOT NULL DEFAULT '[]',
+        last_error   TEXT,
+        body         BLOB    NOT NULL
+    );
+    INSERT INTO wasmq_delayed (id, queue, processor, priority, available_at, attempt,
+                               published_at, topic, headers, last_error, body)
+        SELECT CAST(id AS TEXT), queue, processor, priority, available_at, attempt,
+               published_at, topic, headers, last_error, body
+        FROM wasmq_messages
+        WHERE claimed_by IS NULL AND available_at > CAST(unixepoch('subsec') * 1000 AS INTEGER)
+        ORDER BY available_at, id;
+    INSERT INTO wasmq_messages_v2 (seq, id, queue, processor, priority, available_at, claimed_by,
+                                   attempt, published_at, topic, headers, last_error, body)
+        SELECT id, CAST(id AS TEXT), queue, processor, priority, available_at, claimed_by,
+               attempt, published_at, topic, headers, last_error, body
+        FROM wasmq_messages
+        WHERE CAST(id AS TEXT) NOT IN (SELECT id FROM wasmq_delayed);
     DROP TABLE wasmq_messages;
     ALTER TABLE wasmq_messages_v2 RENAME TO wasmq_messages;
     CREATE INDEX wasmq_messages_claim ON wasmq_messages (queue, processor, priority DESC, seq);
     CREATE INDEX wasmq_messages_leases ON wasmq_messages (available_at) WHERE claimed_by IS NOT NULL;
-    CREATE TABLE wasmq_delayed (
-        seq          INTEGER PRIMARY KEY,
-        id           TEXT    NOT NULL,
-        queue        TEXT    NOT NULL,
-        processor    TEXT    NOT NULL,
-        topic        TEXT    NOT NULL,
-        body         BLOB    NOT NULL,
-        headers      TEXT    NOT NULL DEFAULT '[]',
-        priority     INTEGER NOT NULL DEFAULT 2,
-        published_at INTEGER NOT NULL,
-        -- when the row moves to wasmq_messages
-        available_at INTEGER NOT NULL,
-        attempt      INTEGER NOT NULL DEFAULT 0,
-        last_error   TEXT
-    );
     CREATE INDEX wasmq_delayed_due ON wasmq_delayed (available_at);
     CREATE TABLE wasmq_dead_letters_v2 (
         id           TEXT    PRIMARY KEY,
         queue        TEXT    NOT NULL,
         processor    TEXT    NOT NULL,
         topic        TEXT    NOT NULL,
-        body         BLOB    NOT NULL,
         headers      TEXT    NOT NULL,
         priority     INTEGER NOT NULL,
         published_at INTEGER NOT NULL,
         attempts     INTEGER NOT NULL,
         error        TEXT    NOT NULL,
-        dead_at      INTEGER NOT NULL
+        dead_at      INTEGER NOT NULL,
+        body         BLOB    NOT NULL
     );
-    INSERT INTO wasmq_dead_letters_v2
-        SELECT CAST(id AS TEXT), queue, processor, topic, body, headers, priority,
-               published_at, attempts, error, dead_at
+    INSERT INTO wasmq_dead_letters_v2 (id, queue, processor, topic, headers, priority,
+                                       published_at, attempts, error, dead_at, body)
+        SELECT CAST(id AS TEXT), queue, processor, topic, headers, priority,
+               published_at, attempts, error, dead_at, body
         FROM wasmq_dead_letters;
     DROP TABLE wasmq_dead_letters;
     ALTER TABLE wasmq_dead_letters_v2 RENAME TO wasmq_dead_letters;

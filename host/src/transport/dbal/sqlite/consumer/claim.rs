@@ -5,16 +5,15 @@
 //! pair's rows are read from the claim index in priority order, at most `max` each,
 //! and merged, so a claim costs the same with one row waiting or a million. Rows whose
 //! claim expired (their consumer died, or stalled past its lease) are found through
-//! the partial index of claims in flight and are handed out one at a time, to a
-//! consumer with nothing else in flight.
+//! the partial index of claims in flight and are handed out one at a time, to run
+//! alone.
 
 use rusqlite::types::Value;
 use rusqlite::{Connection, params_from_iter};
 
 use crate::message::{Message, Priority};
-use crate::transport::Subscription;
-use crate::transport::TransportError;
 use crate::transport::dbal::{decode_headers, query_error};
+use crate::transport::{MAX_SUBSCRIPTIONS, Subscription, TransportError};
 
 /// Rows moved from `wasmq_delayed` per claim at most, so a million messages falling
 /// due at once never hold the write lock for long.
@@ -38,14 +37,16 @@ const RETURNING: &str =
 pub(super) struct ClaimSql {
     shared: String,
     alone: String,
-    alone_waiting: String,
     look: String,
     next_due: String,
     subscriptions: Vec<Value>,
 }
 
 impl ClaimSql {
-    pub fn new(subscriptions: &[Subscription]) -> ClaimSql {
+    pub fn new(subscriptions: &[Subscription]) -> Result<ClaimSql, TransportError> {
+        if subscriptions.len() > MAX_SUBSCRIPTIONS {
+            return Err(TransportError::TooManySubscriptions(subscriptions.len()));
+        }
         let pair = |i: usize| format!("?{}, ?{}", 5 + 2 * i, 6 + 2 * i);
         let ready = |i: usize, limit: &str| {
             let (q, p) = (5 + 2 * i, 6 + 2 * i);
@@ -73,7 +74,7 @@ impl ClaimSql {
         );
         let claim =
             "UPDATE wasmq_messages SET claimed_by = ?1, available_at = ?2, attempt = attempt + 1";
-        ClaimSql {
+        Ok(ClaimSql {
             shared: format!(
                 "{claim} WHERE seq IN (SELECT seq FROM ({}) ORDER BY priority DESC, seq LIMIT ?4) {RETURNING}",
                 union("?4")
@@ -81,7 +82,6 @@ impl ClaimSql {
             alone: format!(
                 "{claim} WHERE seq = (SELECT seq {expired} ORDER BY priority DESC, seq LIMIT 1) {RETURNING}"
             ),
-            alone_waiting: format!("SELECT EXISTS (SELECT 1 {expired})"),
             look: format!(
                 "SELECT EXISTS (SELECT 1 FROM wasmq_delayed WHERE available_at <= ?3)
                      OR EXISTS (SELECT 1 {expired})
@@ -107,7 +107,7 @@ impl ClaimSql {
                     ]
                 })
                 .collect(),
-        }
+        })
     }
 
     fn args(&self, consumer: &str, lease_end: i64, now: i64, max: usize) -> Vec<Value> {
@@ -145,16 +145,6 @@ impl ClaimSql {
         now: i64,
     ) -> Result<Option<ClaimedRow>, TransportError> {
         Ok(claim(conn, &self.alone, self.args(consumer, lease_end, now, 1))?.pop())
-    }
-
-    /// True when a row that must run alone is waiting for this consumer.
-    pub fn alone_waiting(
-        &self,
-        conn: &Connection,
-        consumer: &str,
-        now: i64,
-    ) -> Result<bool, TransportError> {
-        query_bool(conn, &self.alone_waiting, self.args(consumer, 0, now, 0))
     }
 
     /// A read that takes no write lock: is there anything to claim or to move from

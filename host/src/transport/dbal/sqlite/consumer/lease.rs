@@ -2,13 +2,14 @@
 //! claims it lost, records which processors it has, and dead-letters messages whose
 //! processor no consumer has had for `orphan_timeout`.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::settle::Pending;
-use super::{Shared, lock};
+use super::{Claim, Shared, lock};
 use crate::message::now_ms;
 use crate::transport::dbal::query_error;
 use crate::transport::{ReceiverOptions, Subscription, TransportError};
@@ -20,10 +21,20 @@ const RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// How often a consumer records the processors it has, at most.
 const SEEN_EVERY: Duration = Duration::from_secs(60);
 
+/// Orphaned messages dead-lettered per transaction, so a large backlog never holds
+/// the write lock (and this consumer's thread) for long.
+const ORPHAN_BATCH: usize = 1000;
+
 pub(super) async fn heartbeat(shared: Arc<Shared>, options: ReceiverOptions) {
     let every = options.heartbeat_timeout / 3;
     let seen_every = (options.orphan_timeout / 4).min(SEEN_EVERY);
-    let orphan_ms = i64::try_from(options.orphan_timeout.as_millis()).unwrap_or(i64::MAX / 4);
+    let present: Vec<Subscription> = options
+        .subscriptions
+        .iter()
+        .chain(&options.held_back)
+        .cloned()
+        .collect();
+    let mut orphans = Orphans::new(options.orphan_timeout);
     let mut last_seen: Option<Instant> = None;
     let mut failing = false;
     loop {
@@ -32,7 +43,7 @@ pub(super) async fn heartbeat(shared: Arc<Shared>, options: ReceiverOptions) {
             shared.transact("renewing claims", |tx, settling| {
                 let lost = shared.renew(tx, settling)?;
                 if record_seen {
-                    record_processors(tx, &options.subscriptions)?;
+                    record_processors(tx, &present)?;
                 }
                 Ok(lost)
             })
@@ -41,9 +52,9 @@ pub(super) async fn heartbeat(shared: Arc<Shared>, options: ReceiverOptions) {
         };
         match renewed {
             Ok(lost) => {
-                for (seq, message_id) in lost {
-                    lock(&shared.in_flight).remove(&seq);
-                    shared.claim_lost(seq, &message_id, false);
+                for claim in lost {
+                    lock(&shared.in_flight).remove(&claim);
+                    shared.claim_lost(claim.0, &claim.1, false);
                 }
                 if record_seen {
                     last_seen = Some(Instant::now());
@@ -62,7 +73,7 @@ pub(super) async fn heartbeat(shared: Arc<Shared>, options: ReceiverOptions) {
                 continue;
             }
         }
-        if let Err(e) = dead_letter_orphans(&shared, orphan_ms) {
+        if let Err(e) = orphans.dead_letter(&shared).await {
             tracing::warn!(error = %e, "cannot look for messages no consumer can run; trying again later");
         }
         tokio::time::sleep(every).await;
@@ -76,25 +87,29 @@ impl Shared {
         &self,
         tx: &Transaction<'_>,
         settling: &[Pending],
-    ) -> Result<Vec<(i64, String)>, TransportError> {
-        let claims: Vec<(i64, String)> = lock(&self.in_flight)
+    ) -> Result<Vec<Claim>, TransportError> {
+        let claims: Vec<Claim> = lock(&self.in_flight)
             .iter()
-            .filter(|(seq, _)| !settling.iter().any(|p| p.seq == **seq))
-            .map(|(seq, id)| (*seq, id.clone()))
+            .filter(|(seq, id)| {
+                !settling
+                    .iter()
+                    .any(|p| p.seq == *seq && p.message_id == *id)
+            })
+            .cloned()
             .collect();
         let mut renew = tx
             .prepare_cached(
-                "UPDATE wasmq_messages SET available_at = ? WHERE seq = ? AND claimed_by = ?",
+                "UPDATE wasmq_messages SET available_at = ? WHERE seq = ? AND id = ? AND claimed_by = ?",
             )
             .map_err(query_error("renewing claims"))?;
         let lease_end = now_ms() + self.lease_ms;
         let mut lost = Vec::new();
-        for (seq, message_id) in claims {
+        for claim in claims {
             let renewed = renew
-                .execute(params![lease_end, seq, self.consumer_id])
+                .execute(params![lease_end, claim.0, claim.1, self.consumer_id])
                 .map_err(query_error("renewing claims"))?;
             if renewed == 0 {
-                lost.push((seq, message_id));
+                lost.push(claim);
             }
         }
         Ok(lost)
@@ -121,58 +136,132 @@ fn record_processors(
     Ok(())
 }
 
-/// Dead-letters the messages that have waited `orphan_ms` for a processor that no
-/// consumer has had for as long. Looks first with reads, which take no write lock.
-fn dead_letter_orphans(shared: &Shared, orphan_ms: i64) -> Result<(), TransportError> {
-    let cutoff = now_ms().saturating_sub(orphan_ms);
-    let orphaned = orphaned_subscriptions(&lock(&shared.conn), cutoff)?;
-    for s in orphaned {
-        let reason = format!(
-            "no consumer has processor {:?} (queue {:?}): nothing claimed its messages for orphan_timeout ({}s); deploy a consumer with that processor and replay",
-            s.processor,
-            s.queue,
-            orphan_ms / 1000
-        );
-        let moved = shared.transact("dead-lettering messages no consumer can run", |tx, _| {
-            let now = now_ms();
-            let rows = "FROM wasmq_messages WHERE queue = ?1 AND processor = ?2 AND claimed_by IS NULL AND available_at <= ?3";
-            tx.execute(
-                &format!(
-                    "INSERT OR REPLACE INTO wasmq_dead_letters (id, queue, processor, topic, body, headers, priority, published_at, attempts, error, dead_at)
-                     SELECT id, queue, processor, topic, body, headers, priority, published_at, attempt, ?4, ?5 {rows}"
-                ),
-                params![s.queue, s.processor, cutoff, reason, now],
-            )
-            .and_then(|_| tx.execute(&format!("DELETE {rows}"), params![s.queue, s.processor, cutoff]))
-            .map_err(query_error("dead-lettering messages no consumer can run"))
-        })?;
-        if moved > 0 {
-            tracing::error!(processor = %s.processor, queue = %s.queue, count = moved, "dead-lettered messages that no consumer can run");
-        }
-    }
-    Ok(())
+/// Messages whose processor no consumer has: found by the heartbeat, dead-lettered
+/// once this consumer has itself seen the processor missing for `orphan_timeout`, so
+/// that neither an upgrade (no record yet) nor a fleet that was stopped for a weekend
+/// dead-letters the backlog of a processor whose consumer is about to start.
+struct Orphans {
+    timeout: Duration,
+    /// Pairs with messages and no recent consumer, and since when this consumer has
+    /// seen them so.
+    missing_since: HashMap<Subscription, Instant>,
+    last_look: Option<Instant>,
 }
 
-/// The (queue, processor) pairs with messages waiting since before `cutoff` and no
-/// consumer seen since then. Walks the distinct pairs through the claim index, one
-/// lookup each, so it costs the same with a million messages waiting.
-fn orphaned_subscriptions(
+impl Orphans {
+    fn new(timeout: Duration) -> Orphans {
+        Orphans {
+            timeout,
+            missing_since: HashMap::new(),
+            last_look: None,
+        }
+    }
+
+    /// How often to look: often enough to act within a tenth of the timeout, never
+    /// more than once a minute (a look at a missing processor reads its backlog).
+    fn every(&self) -> Duration {
+        (self.timeout / 10).min(Duration::from_secs(60))
+    }
+
+    /// Dead-letters the messages of processors missing for long enough, a batch per
+    /// transaction, yielding between batches. Looks first with reads, which take no
+    /// write lock.
+    async fn dead_letter(&mut self, shared: &Shared) -> Result<(), TransportError> {
+        if self.last_look.is_some_and(|at| at.elapsed() < self.every()) {
+            return Ok(());
+        }
+        self.last_look = Some(Instant::now());
+        let orphan_ms = i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX / 4);
+        let cutoff = now_ms().saturating_sub(orphan_ms);
+        let missing = missing_subscriptions(&lock(&shared.conn), cutoff)?;
+        self.missing_since.retain(|s, _| missing.contains(s));
+        for s in missing {
+            let since = *self
+                .missing_since
+                .entry(s.clone())
+                .or_insert_with(Instant::now);
+            if since.elapsed() < self.timeout {
+                continue;
+            }
+            let reason = format!(
+                "no consumer has processor {:?} (queue {:?}): nothing claimed its messages for orphan_timeout ({}s); deploy a consumer with that processor and replay",
+                s.processor,
+                s.queue,
+                self.timeout.as_secs()
+            );
+            let mut moved = 0;
+            loop {
+                let batch = shared
+                    .transact("dead-lettering messages no consumer can run", |tx, _| {
+                        dead_letter_orphans(tx, &s, cutoff, &reason)
+                    })?;
+                moved += batch;
+                if batch < ORPHAN_BATCH {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            if moved > 0 {
+                tracing::error!(processor = %s.processor, queue = %s.queue, count = moved, "dead-lettered messages that no consumer can run");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Messages of `s` that waited since before `cutoff`, unclaimed or claimed by a
+/// consumer whose lease ended before it, while no consumer had `s`.
+const ORPHANED: &str = "FROM wasmq_messages WHERE seq IN (
+        SELECT seq FROM wasmq_messages
+        WHERE queue = ?1 AND processor = ?2 AND available_at <= ?3
+          AND NOT EXISTS (SELECT 1 FROM wasmq_processors
+                          WHERE queue = ?1 AND processor = ?2 AND seen_at > ?3)
+        LIMIT ?4)";
+
+/// Moves one batch of `s`'s orphaned messages to the dead letters; returns how many.
+fn dead_letter_orphans(
+    tx: &Transaction<'_>,
+    s: &Subscription,
+    cutoff: i64,
+    reason: &str,
+) -> Result<usize, TransportError> {
+    let failed = query_error("dead-lettering messages no consumer can run");
+    let batch = i64::try_from(ORPHAN_BATCH).unwrap_or(i64::MAX);
+    tx.execute(
+        &format!(
+            "INSERT OR REPLACE INTO wasmq_dead_letters (id, queue, processor, topic, body, headers, priority, published_at, attempts, error, dead_at)
+             SELECT id, queue, processor, topic, body, headers, priority, published_at, attempt, ?5, ?6 {ORPHANED}"
+        ),
+        params![s.queue, s.processor, cutoff, batch, reason, now_ms()],
+    )
+    .map_err(failed)?;
+    tx.execute(
+        &format!("DELETE {ORPHANED}"),
+        params![s.queue, s.processor, cutoff, batch],
+    )
+    .map_err(query_error("dead-lettering messages no consumer can run"))
+}
+
+/// The (queue, processor) pairs with messages and no consumer seen since `cutoff`.
+/// Walks the distinct pairs through the claim index, one lookup each, so it costs
+/// the same with a million messages waiting.
+fn missing_subscriptions(
     conn: &Connection,
     cutoff: i64,
-) -> Result<Vec<Subscription>, TransportError> {
-    let failed = query_error("looking for messages no consumer can run");
+) -> Result<HashSet<Subscription>, TransportError> {
+    let failed = || query_error("looking for messages no consumer can run");
     let mut next_pair = conn
         .prepare_cached(
             "SELECT queue, processor FROM wasmq_messages WHERE (queue, processor) > (?, ?)
              ORDER BY queue, processor LIMIT 1",
         )
-        .map_err(failed)?;
-    let mut orphaned = Vec::new();
+        .map_err(failed())?;
+    let mut missing = HashSet::new();
     let mut at = (String::new(), String::new());
     while let Some(pair) = next_pair
         .query_row(params![at.0, at.1], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()
-        .map_err(query_error("looking for messages no consumer can run"))?
+        .map_err(failed())?
     {
         at = pair;
         let seen: Option<i64> = conn
@@ -182,24 +271,13 @@ fn orphaned_subscriptions(
                 |row| row.get(0),
             )
             .optional()
-            .map_err(query_error("looking for messages no consumer can run"))?;
-        if seen.is_some_and(|seen| seen > cutoff) {
-            continue;
-        }
-        let waiting: bool = conn
-            .query_row(
-                "SELECT EXISTS (SELECT 1 FROM wasmq_messages WHERE queue = ? AND processor = ?
-                                 AND claimed_by IS NULL AND available_at <= ?)",
-                params![at.0, at.1, cutoff],
-                |row| row.get(0),
-            )
-            .map_err(query_error("looking for messages no consumer can run"))?;
-        if waiting {
-            orphaned.push(Subscription {
+            .map_err(failed())?;
+        if !seen.is_some_and(|seen| seen > cutoff) {
+            missing.insert(Subscription {
                 queue: at.0.clone(),
                 processor: at.1.clone(),
             });
         }
     }
-    Ok(orphaned)
+    Ok(missing)
 }

@@ -30,9 +30,9 @@ mod claim;
 mod lease;
 mod settle;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rusqlite::{Connection, Transaction, TransactionBehavior};
@@ -62,11 +62,16 @@ struct Shared {
     conn: Mutex<Connection>,
     /// Settlements waiting for the next holder of `conn` to commit them.
     pending: Mutex<Vec<Pending>>,
-    /// Claimed and not yet settled, by `seq`, with the message id: the claims the
-    /// heartbeat renews.
-    in_flight: Mutex<HashMap<i64, String>>,
+    /// Claimed and not yet settled, as (`seq`, message id): the claims the heartbeat
+    /// renews. Both, since SQLite hands a deleted row's `seq` to a new row.
+    in_flight: Mutex<HashSet<Claim>>,
     /// Claims known to be lost, so each loss is logged once.
-    lost: Mutex<HashSet<i64>>,
+    lost: Mutex<HashSet<Claim>>,
+    /// Until when settlement receipts leave the lock alone after finding it held by
+    /// another process: each try blocks the thread for the busy timeout.
+    busy_until: Mutex<Option<Instant>>,
+    /// False when every processor of this consumer is held back: it claims nothing.
+    claims: bool,
     /// Marks this consumer's claims; random, so a restarted consumer never mistakes a
     /// dead predecessor's claims for its own.
     consumer_id: String,
@@ -75,11 +80,13 @@ struct Shared {
     sql: ClaimSql,
 }
 
+/// A claimed row: its `seq` and the id of the message in it.
+type Claim = (i64, String);
+
 /// What one claim transaction found.
 enum Claimed {
     Shared(Vec<ClaimedRow>),
     Alone(ClaimedRow),
-    AloneWaiting,
     Nothing,
 }
 
@@ -121,10 +128,13 @@ impl Shared {
             Ok(result)
         })();
         match &result {
-            Ok(_) => self.settled(batch),
+            Ok(_) => {
+                self.settled(batch);
+                let _ = self.drain_with(conn);
+            }
+            // Retrying at once would block the thread for another busy timeout.
             Err(_) => self.requeue(batch),
         }
-        let _ = self.drain_with(conn);
         result
     }
 
@@ -160,8 +170,16 @@ impl Shared {
                     }
                     Err(e) => {
                         for pending in batch {
-                            if let Some(reply) = pending.reply {
-                                let _ = reply.send(Err(TransportError::Settle(e.to_string())));
+                            match pending.reply {
+                                Some(reply) => {
+                                    let _ = reply.send(Err(TransportError::Settle(e.to_string())));
+                                }
+                                // A release nobody waits for: stop renewing the claim,
+                                // so it lapses and the message is redelivered.
+                                None => {
+                                    lock(&self.in_flight)
+                                        .remove(&(pending.seq, pending.message_id));
+                                }
                             }
                         }
                         return Err(e);
@@ -182,45 +200,37 @@ impl Shared {
 
     /// After a commit: the settled rows need no more renewal; tell their tasks.
     fn settled(&self, batch: Vec<Pending>) {
-        {
-            let mut in_flight = lock(&self.in_flight);
-            for pending in &batch {
-                in_flight.remove(&pending.seq);
-            }
-        }
         for pending in batch {
+            lock(&self.in_flight).remove(&(pending.seq, pending.message_id));
             if let Some(reply) = pending.reply {
                 let _ = reply.send(Ok(()));
             }
         }
     }
 
+    /// False while a settlement receipt recently found another process holding the
+    /// lock: the next try waits for the pause to pass.
+    fn may_try_now(&self) -> bool {
+        lock(&self.busy_until).is_none_or(|until| Instant::now() >= until)
+    }
+
+    fn busy_for(&self, pause: Duration) {
+        *lock(&self.busy_until) = Some(Instant::now() + pause);
+    }
+
     /// The claim transaction: due delayed rows move to their queues, then a row that
-    /// must run alone is taken (when the consumer is idle) or waited for, else up to
-    /// `max` rows are claimed.
-    fn claim(
-        &self,
-        tx: &Transaction<'_>,
-        max: usize,
-        idle: bool,
-    ) -> Result<Claimed, TransportError> {
+    /// must run alone is taken if there is one, else up to `max` rows.
+    fn claim(&self, tx: &Transaction<'_>, max: usize) -> Result<Claimed, TransportError> {
         let now = now_ms();
         let lease_end = now + self.lease_ms;
         promote_due(tx, now)?;
-        let claimed = if idle {
-            match self
-                .sql
-                .claim_alone(tx, &self.consumer_id, lease_end, now)?
-            {
-                Some(row) => Claimed::Alone(row),
-                None => self.claim_shared(tx, lease_end, now, max)?,
-            }
-        } else if self.sql.alone_waiting(tx, &self.consumer_id, now)? {
-            Claimed::AloneWaiting
-        } else {
-            self.claim_shared(tx, lease_end, now, max)?
-        };
-        Ok(claimed)
+        match self
+            .sql
+            .claim_alone(tx, &self.consumer_id, lease_end, now)?
+        {
+            Some(row) => Ok(Claimed::Alone(row)),
+            None => self.claim_shared(tx, lease_end, now, max),
+        }
     }
 
     /// After the claim committed: the heartbeat renews these rows from now on.
@@ -248,12 +258,13 @@ impl Shared {
     /// Logs a lost claim once per message: from the heartbeat that found it, or from
     /// the settlement it voids.
     fn claim_lost(&self, seq: i64, message_id: &str, settling: bool) {
+        let claim = (seq, message_id.to_string());
         let first = {
             let mut lost = lock(&self.lost);
             if settling {
-                !lost.remove(&seq)
+                !lost.remove(&claim)
             } else {
-                lost.insert(seq)
+                lost.insert(claim)
             }
         };
         if first {
@@ -282,11 +293,13 @@ impl SqliteReceiver {
         let shared = Arc::new(Shared {
             conn: Mutex::new(writer),
             pending: Mutex::new(Vec::new()),
-            in_flight: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashSet::new()),
             lost: Mutex::new(HashSet::new()),
+            busy_until: Mutex::new(None),
+            claims: !options.subscriptions.is_empty(),
             consumer_id: uuid::Uuid::new_v4().to_string(),
             lease_ms: i64::try_from(options.heartbeat_timeout.as_millis()).unwrap_or(i64::MAX / 4),
-            sql: ClaimSql::new(&options.subscriptions),
+            sql: ClaimSql::new(&options.subscriptions)?,
         });
         let heartbeat = tokio::spawn(lease::heartbeat(shared.clone(), options));
         Ok(SqliteReceiver {
@@ -351,7 +364,12 @@ fn data_version(conn: &Connection) -> Result<i64, TransportError> {
 
 #[async_trait]
 impl Receiver for SqliteReceiver {
-    async fn next_batch(&mut self, max: usize, idle: bool) -> Result<Batch, TransportError> {
+    async fn next_batch(&mut self, max: usize) -> Result<Batch, TransportError> {
+        if !self.shared.claims {
+            // Every processor is held back: nothing to claim, ever (the heartbeat
+            // still records them).
+            return std::future::pending().await;
+        }
         let mut look_first = false;
         loop {
             let now = now_ms();
@@ -366,9 +384,9 @@ impl Receiver for SqliteReceiver {
             if worth_it {
                 // Claiming runs to completion before the next await: dropping this
                 // future can never leave rows claimed and undelivered.
-                let claimed = self.shared.transact("claiming messages", |tx, _| {
-                    self.shared.claim(tx, max, idle)
-                })?;
+                let claimed = self
+                    .shared
+                    .transact("claiming messages", |tx, _| self.shared.claim(tx, max))?;
                 match claimed {
                     Claimed::Shared(rows) => {
                         self.shared.track(&rows);
@@ -380,7 +398,6 @@ impl Receiver for SqliteReceiver {
                         self.shared.track([&row]);
                         return Ok(Batch::Alone(self.delivery(row)));
                     }
-                    Claimed::AloneWaiting => return Ok(Batch::AloneWaiting),
                     Claimed::Nothing => {}
                 }
             }
@@ -433,6 +450,7 @@ mod tests {
                     queue: "q".into(),
                     processor: "p".into(),
                 }],
+                held_back: Vec::new(),
                 heartbeat_timeout: Duration::from_secs(30),
                 orphan_timeout: Duration::from_secs(3600),
             })
@@ -440,16 +458,67 @@ mod tests {
             .unwrap()
     }
 
-    async fn one(receiver: &mut Box<dyn Receiver>, idle: bool) -> (Delivery, bool) {
-        match tokio::time::timeout(Duration::from_secs(5), receiver.next_batch(1, idle))
+    /// The next delivery, and whether it must run alone.
+    async fn one(receiver: &mut Box<dyn Receiver>) -> (Delivery, bool) {
+        match tokio::time::timeout(Duration::from_secs(5), receiver.next_batch(1))
             .await
             .expect("a delivery within 5 s")
             .unwrap()
         {
             Batch::Shared(mut d) => (d.remove(0), false),
             Batch::Alone(d) => (d, true),
-            Batch::AloneWaiting => panic!("expected a delivery"),
         }
+    }
+
+    async fn settle(delivery: Delivery, settlement: Settlement) {
+        delivery
+            .handle
+            .settle(settlement)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    fn expire_leases(path: &std::path::Path) {
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .execute(
+                "UPDATE wasmq_messages SET available_at = 0 WHERE claimed_by IS NOT NULL",
+                [],
+            )
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn migration_2_keeps_every_row_and_id_and_moves_waiting_rows_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.sqlite");
+        {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            conn.execute_batch(super::super::schema::MIGRATIONS[0])
+                .unwrap();
+            conn.execute_batch(
+                "PRAGMA user_version = 1;
+                 INSERT INTO wasmq_messages (id, queue, processor, topic, body, published_at, available_at)
+                 VALUES (7, 'q', 'p', 't', X'01', 0, 0), (8, 'q', 'p', 't', X'02', 0, 9000000000000000);
+                 INSERT INTO wasmq_dead_letters (id, queue, processor, topic, body, headers, priority, published_at, attempts, error, dead_at)
+                 VALUES (3, 'q', 'p', 't', X'03', '[]', 2, 0, 5, 'boom', 0);",
+            )
+            .unwrap();
+        }
+        let transport = SqliteTransport::open(&path).await.unwrap();
+        let ids = |sql: &str| -> Vec<String> {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            let mut stmt = conn.prepare(sql).unwrap();
+            stmt.query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        assert_eq!(ids("SELECT id FROM wasmq_messages"), ["7"]);
+        assert_eq!(ids("SELECT id FROM wasmq_delayed"), ["8"]);
+        assert_eq!(transport.dead_letter("3").await.unwrap().error, "boom");
     }
 
     fn count(path: &std::path::Path, sql: &str) -> i64 {
@@ -466,24 +535,20 @@ mod tests {
         let transport = SqliteTransport::open(&path).await.unwrap();
         let ids = transport.send(vec![envelope("t", "x")]).await.unwrap();
         let mut receiver = receiver(&transport).await;
-        let (delivery, _) = one(&mut receiver, true).await;
+        let (delivery, _) = one(&mut receiver).await;
         assert_eq!(delivery.message.id, ids[0]);
         let task = tokio::spawn(async move {
             let _held = delivery;
             panic!("a delivery task panics");
         });
         assert!(task.await.unwrap_err().is_panic());
-        // Redelivered at once (no lease to wait out), the crashed attempt counted.
-        let (again, _) = one(&mut receiver, true).await;
+        // Redelivered at once (no lease to wait out), the crashed attempt counted,
+        // and alone: the delivery ended without a settlement.
+        let (again, alone) = one(&mut receiver).await;
         assert_eq!(again.message.id, ids[0]);
         assert_eq!(again.message.attempt, 2);
-        again
-            .handle
-            .settle(Settlement::Drop)
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        assert!(alone);
+        settle(again, Settlement::Drop).await;
         assert_eq!(count(&path, "SELECT COUNT(*) FROM wasmq_messages"), 0);
     }
 
@@ -495,33 +560,18 @@ mod tests {
         transport.send(vec![envelope("t", "x")]).await.unwrap();
         let mut a = receiver(&transport).await;
         let mut b = receiver(&transport).await;
-        let (stalled, _) = one(&mut a, true).await;
+        let (stalled, _) = one(&mut a).await;
         // A stalls past its lease: as if its heartbeat had not run for 30 s.
-        rusqlite::Connection::open(&path)
-            .unwrap()
-            .execute("UPDATE wasmq_messages SET available_at = 0", [])
-            .unwrap();
-        let (taken_over, alone) = one(&mut b, true).await;
+        expire_leases(&path);
+        let (taken_over, alone) = one(&mut b).await;
         assert!(alone, "a message whose claim expired runs alone");
         assert_eq!(taken_over.message.id, stalled.message.id);
         assert_eq!(taken_over.message.attempt, 2);
         let ack = |body: &str| Settlement::Ack {
             sends: vec![envelope("out", body)],
         };
-        taken_over
-            .handle
-            .settle(ack("from b"))
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        stalled
-            .handle
-            .settle(ack("from a"))
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        settle(taken_over, ack("from b")).await;
+        settle(stalled, ack("from a")).await;
         let sends = rusqlite::Connection::open(&path)
             .unwrap()
             .query_row(
@@ -537,7 +587,49 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_busy_consumer_waits_for_a_message_that_must_run_alone() {
+    async fn a_stale_settlement_never_touches_a_new_message_in_a_reused_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.sqlite");
+        let transport = SqliteTransport::open(&path).await.unwrap();
+        let x = transport.send(vec![envelope("t", "x")]).await.unwrap();
+        let mut a = receiver(&transport).await;
+        let mut b = receiver(&transport).await;
+        let (stale, _) = one(&mut a).await;
+        expire_leases(&path);
+        let (taken_over, _) = one(&mut b).await;
+        settle(taken_over, Settlement::Drop).await;
+        // The table is empty again: SQLite gives the next row the same `seq`, and A,
+        // resumed, claims the new message in it.
+        let y = transport.send(vec![envelope("t", "y")]).await.unwrap();
+        let (fresh, _) = one(&mut a).await;
+        assert_eq!(fresh.message.id, y[0]);
+        let stale_ack = Settlement::Ack {
+            sends: vec![envelope("out", "from the stale x")],
+        };
+        assert_eq!(stale.message.id, x[0]);
+        settle(stale, stale_ack).await;
+        assert_eq!(
+            count(
+                &path,
+                "SELECT COUNT(*) FROM wasmq_messages WHERE topic = 't'"
+            ),
+            1,
+            "y is still there"
+        );
+        assert_eq!(
+            count(
+                &path,
+                "SELECT COUNT(*) FROM wasmq_messages WHERE topic = 'out'"
+            ),
+            0,
+            "x's stale sends are discarded"
+        );
+        settle(fresh, Settlement::Drop).await;
+        assert_eq!(count(&path, "SELECT COUNT(*) FROM wasmq_messages"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_busy_consumer_still_takes_a_message_that_must_run_alone_first() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("q.sqlite");
         let transport = SqliteTransport::open(&path).await.unwrap();
@@ -546,24 +638,16 @@ mod tests {
             .await
             .unwrap();
         let mut dead = receiver(&transport).await;
-        let (crashed, _) = one(&mut dead, true).await;
+        let (crashed, _) = one(&mut dead).await;
         drop(dead);
         std::mem::forget(crashed); // its consumer died: no settlement, no release
-        rusqlite::Connection::open(&path)
-            .unwrap()
-            .execute(
-                "UPDATE wasmq_messages SET available_at = 0 WHERE claimed_by IS NOT NULL",
-                [],
-            )
-            .unwrap();
+        expire_leases(&path);
         let mut next = receiver(&transport).await;
-        assert!(matches!(
-            next.next_batch(4, false).await.unwrap(),
-            Batch::AloneWaiting
-        ));
-        let (alone, is_alone) = one(&mut next, true).await;
-        assert!(is_alone);
+        let Batch::Alone(alone) = next.next_batch(4).await.unwrap() else {
+            panic!("the crashed message comes first, alone");
+        };
         assert_eq!(String::from_utf8_lossy(&alone.message.body), "crashed");
+        assert_eq!(alone.message.attempt, 2);
     }
 
     #[tokio::test]
@@ -577,7 +661,7 @@ mod tests {
         assert_eq!(count(&path, "SELECT COUNT(*) FROM wasmq_delayed"), 1);
         let mut r = receiver(&transport).await;
         let started = std::time::Instant::now();
-        let (d, _) = one(&mut r, true).await;
+        let (d, _) = one(&mut r).await;
         assert!(
             started.elapsed() >= Duration::from_millis(250),
             "{:?}",

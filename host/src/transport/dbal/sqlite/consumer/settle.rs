@@ -1,10 +1,12 @@
 //! Settling: what each settlement does to its row, and the handle a delivery settles
 //! through.
 //!
-//! Every statement is conditioned on `claimed_by` still naming this consumer. When it
-//! does not, the claim was lost (this consumer stalled past its lease and another one
-//! took the message over): the settlement commits nothing of its own, its sends
-//! included, since the consumer that now holds the message will produce them.
+//! Every statement is conditioned on the row still holding this message (`seq` and
+//! `id`: SQLite hands out a deleted row's `seq` again) and `claimed_by` still naming
+//! this consumer. When it does not, the claim was lost (this consumer stalled past
+//! its lease and another one took the message over): the settlement commits nothing
+//! of its own, its sends included, since the consumer that now holds the message
+//! will produce them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +23,10 @@ use crate::transport::{SettleHandle, SettleReceipt, Settlement, TransportError};
 
 /// Pause before committing a settlement again after another process held the lock.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// `claimed_by` of a released row: no consumer's id, so the row looks like the claim
+/// of a consumer that died, which every consumer may take over (alone).
+pub(super) const RELEASED: &str = "released";
 
 /// A settlement waiting to be committed.
 pub(super) struct Pending {
@@ -54,25 +60,37 @@ impl Shared {
         p: &Pending,
         now: i64,
     ) -> Result<bool, TransportError> {
-        let me = &self.consumer_id;
+        let mine = "seq = ? AND id = ? AND claimed_by = ?";
+        let (seq, id, me) = (p.seq, &p.message_id, &self.consumer_id);
         let (delay, error, uncount) = match &p.settlement {
             Settlement::Ack { sends } => {
-                let owned = self.remove(tx, p.seq)?;
+                let owned = self.remove(tx, p)?;
                 if owned {
                     insert_envelopes(tx, sends, now)?;
                 }
                 return Ok(owned);
             }
-            Settlement::Drop => return self.remove(tx, p.seq),
+            Settlement::Drop => return self.remove(tx, p),
             Settlement::DeadLetter { error } => {
-                tx.prepare_cached(
+                tx.prepare_cached(&format!(
                     "INSERT OR REPLACE INTO wasmq_dead_letters (id, queue, processor, topic, body, headers, priority, published_at, attempts, error, dead_at)
                      SELECT id, queue, processor, topic, body, headers, priority, published_at, attempt, ?, ?
-                     FROM wasmq_messages WHERE seq = ? AND claimed_by = ?",
-                )
-                .and_then(|mut stmt| stmt.execute(params![error, now, p.seq, me]))
+                     FROM wasmq_messages WHERE {mine}"
+                ))
+                .and_then(|mut stmt| stmt.execute(params![error, now, seq, id, me]))
                 .map_err(query_error("dead-lettering a message"))?;
-                return self.remove(tx, p.seq);
+                return self.remove(tx, p);
+            }
+            Settlement::Release { error } => {
+                // Marked as a claim that expired now: it runs alone, attempt counted.
+                return tx
+                    .prepare_cached(&format!(
+                        "UPDATE wasmq_messages SET claimed_by = '{RELEASED}', available_at = ?, last_error = ?
+                         WHERE {mine}"
+                    ))
+                    .and_then(|mut stmt| stmt.execute(params![now, error, seq, id, me]))
+                    .map(|n| n == 1)
+                    .map_err(query_error("releasing a claim"));
             }
             Settlement::Retry { delay, error } => (*delay, error, 0),
             // A deferred delivery was never run: it gives its attempt back.
@@ -81,28 +99,28 @@ impl Shared {
         let due = now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 4));
         if due <= now {
             return tx
-                .prepare_cached(
+                .prepare_cached(&format!(
                     "UPDATE wasmq_messages SET claimed_by = NULL, available_at = ?, last_error = ?, attempt = attempt - ?
-                     WHERE seq = ? AND claimed_by = ?",
-                )
-                .and_then(|mut stmt| stmt.execute(params![due, error, uncount, p.seq, me]))
+                     WHERE {mine}"
+                ))
+                .and_then(|mut stmt| stmt.execute(params![due, error, uncount, seq, id, me]))
                 .map(|n| n == 1)
                 .map_err(query_error("scheduling a retry"));
         }
-        tx.prepare_cached(
+        tx.prepare_cached(&format!(
             "INSERT INTO wasmq_delayed (id, queue, processor, topic, body, headers, priority, published_at, available_at, attempt, last_error)
              SELECT id, queue, processor, topic, body, headers, priority, published_at, ?, attempt - ?, ?
-             FROM wasmq_messages WHERE seq = ? AND claimed_by = ?",
-        )
-        .and_then(|mut stmt| stmt.execute(params![due, uncount, error, p.seq, me]))
+             FROM wasmq_messages WHERE {mine}"
+        ))
+        .and_then(|mut stmt| stmt.execute(params![due, uncount, error, seq, id, me]))
         .map_err(query_error("scheduling a retry"))?;
-        self.remove(tx, p.seq)
+        self.remove(tx, p)
     }
 
-    /// Deletes the row if this consumer still holds it.
-    fn remove(&self, tx: &Transaction<'_>, seq: i64) -> Result<bool, TransportError> {
-        tx.prepare_cached("DELETE FROM wasmq_messages WHERE seq = ? AND claimed_by = ?")
-            .and_then(|mut stmt| stmt.execute(params![seq, self.consumer_id]))
+    /// Deletes the row if this consumer still holds this message in it.
+    fn remove(&self, tx: &Transaction<'_>, p: &Pending) -> Result<bool, TransportError> {
+        tx.prepare_cached("DELETE FROM wasmq_messages WHERE seq = ? AND id = ? AND claimed_by = ?")
+            .and_then(|mut stmt| stmt.execute(params![p.seq, p.message_id, self.consumer_id]))
             .map(|n| n == 1)
             .map_err(query_error("removing a settled message"))
     }
@@ -149,17 +167,22 @@ impl SettleHandle for SqliteSettle {
                     }
                     Err(oneshot::error::TryRecvError::Empty) => {}
                 }
-                match shared.drain() {
-                    Ok(()) => {}
-                    // Another process holds the write lock: the settlement stays
-                    // queued and is tried again, for as long as it takes.
-                    Err(e) if e.is_retryable() => {
-                        if !warned {
-                            tracing::warn!(error = %e, "cannot store settlements yet; retrying until the lock is free");
-                            warned = true;
+                // Another process holding the write lock makes every attempt wait
+                // (blocking the thread): one attempt per pause for all receipts.
+                if shared.may_try_now() {
+                    match shared.drain() {
+                        Ok(()) => {}
+                        // The settlement stays queued and is tried again, for as long
+                        // as it takes.
+                        Err(e) if e.is_retryable() => {
+                            shared.busy_for(RETRY_PAUSE);
+                            if !warned {
+                                tracing::warn!(error = %e, "cannot store settlements yet; retrying until the lock is free");
+                                warned = true;
+                            }
                         }
+                        Err(e) => return Err(e),
                     }
-                    Err(e) => return Err(e),
                 }
                 // Committed by us, or in a transaction of another thread's: wait for
                 // the answer, and look again in case that transaction failed.
@@ -174,8 +197,8 @@ impl SettleHandle for SqliteSettle {
 
 impl Drop for SqliteSettle {
     /// A delivery dropped unsettled (its task panicked or was cancelled) gives its
-    /// claim back at once, its attempt counted, rather than holding it while the
-    /// heartbeat renews it forever.
+    /// claim back at once, its attempt counted and marked to run alone, rather than
+    /// holding it while the heartbeat renews it forever.
     fn drop(&mut self) {
         let Some(shared) = self.shared.take() else {
             return;
@@ -184,8 +207,7 @@ impl Drop for SqliteSettle {
         shared.queue(Pending {
             seq: self.seq,
             message_id: std::mem::take(&mut self.message_id),
-            settlement: Settlement::Retry {
-                delay: Duration::ZERO,
+            settlement: Settlement::Release {
                 error: "released: the delivery ended without a settlement".into(),
             },
             reply: None,
