@@ -373,8 +373,8 @@ fn a_consumer_claims_only_its_processors_and_orphans_are_dead_lettered() {
     );
     assert!(env.dead_letters().is_empty());
 
-    // Past orphan_timeout with no consumer that has `ghost`, it is dead-lettered.
-    let out = env.run(&["consume", "--queue", "default", "--time-limit", "2s"]);
+    // Once a consumer has seen `ghost` missing for orphan_timeout, it dead-letters it.
+    let out = env.run(&["consume", "--queue", "default", "--time-limit", "4s"]);
     out.assert_success();
     let dead = env.dead_letters();
     assert_eq!(dead.len(), 1, "{}", out.stderr);

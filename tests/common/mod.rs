@@ -13,6 +13,10 @@ use std::time::{Duration, Instant};
 use rusqlite::Connection;
 use rusqlite::types::Value;
 
+/// Debian's libfaketime (package faketime), for a process whose clock is wrong; the
+/// multi-threaded variant, since wasmq runs threads.
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
 /// Longest any single wasmq command may take in a test before it is killed.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -269,6 +273,23 @@ impl Env {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        command
+    }
+
+    /// `command` with libfaketime preloaded, its wall clock moved by `offset` (like
+    /// "+1h") while its monotonic clock, which timers use, stays true: a host whose
+    /// clock is wrong. Preloaded rather than run under the `faketime` wrapper, so the
+    /// pid is wasmq's own and signals reach it.
+    pub fn skewed_command(&self, offset: &str, args: &[&str]) -> Command {
+        assert!(
+            Path::new(LIBFAKETIME).is_file(),
+            "{LIBFAKETIME} is missing: `apt-get install faketime` (.ci/run installs it)"
+        );
+        let mut command = self.command(args);
+        command
+            .env("LD_PRELOAD", LIBFAKETIME)
+            .env("FAKETIME", offset)
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
         command
     }
 
