@@ -16,6 +16,46 @@ fn wait_until_claimed(env: &Env, consumer: &common::Running) {
     );
 }
 
+/// True once the process catches SIGTERM (its handler is installed): bit 15 of
+/// `SigCgt` in /proc/PID/status.
+fn catches_sigterm(pid: i32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (libc::SIGTERM - 1)) != 0)
+}
+
+#[test]
+fn a_sigterm_during_start_up_stops_the_consumer_before_any_claim() {
+    let env = Env::new(&scripted_with_sink(""));
+    env.send("test.scripted", "waiting", &[], &[]);
+    // Another process holds the store's lock: the consumer's start-up waits on it.
+    let lock = rusqlite::Connection::open(env.db_path()).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let consumer = env.spawn(&["consume", "--queue", "default", "-v"]);
+    common::wait_until(
+        "the starting consumer catches SIGTERM (its handler must be installed before start-up work)",
+        Duration::from_secs(5),
+        || consumer.stderr(),
+        || catches_sigterm(consumer.pid()),
+    );
+    consumer.signal(libc::SIGTERM);
+    lock.execute_batch("COMMIT").unwrap();
+    drop(lock);
+    let out = consumer.wait();
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    let attempt: i64 = env.sql(|conn| {
+        conn.query_row(
+            "SELECT attempt FROM wasmq_messages WHERE queue = 'default'",
+            [],
+            |r| r.get(0),
+        )
+    });
+    assert_eq!(attempt, 0, "nothing was claimed:\n{}", out.stderr);
+}
+
 #[test]
 fn sigterm_lets_the_message_in_flight_finish_and_exits_zero() {
     let env = Env::new(&scripted_with_sink(""));

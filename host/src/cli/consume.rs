@@ -62,6 +62,10 @@ pub async fn run(config: &Path, args: ConsumeArgs) -> anyhow::Result<ExitCode> {
     let signals = StopSignals::install()?;
     tokio::spawn(stop_on_signal(signals, shutdown.clone()));
     let app = App::load(config).await?;
+    // A signal that arrived while the plugins loaded is only noted by the OS handler
+    // so far; a moment's sleep lets the runtime hand it to `stop_on_signal` before
+    // anything is claimed.
+    tokio::time::sleep(SIGNAL_GRACE).await;
     let known: Vec<String> = {
         let mut queues: Vec<String> = app
             .config
@@ -108,6 +112,10 @@ pub async fn run(config: &Path, args: ConsumeArgs) -> anyhow::Result<ExitCode> {
     .await?;
     Ok(ExitCode::SUCCESS)
 }
+
+/// See `run`: how long the consumer gives a signal that arrived during start-up to
+/// reach `stop_on_signal`.
+const SIGNAL_GRACE: Duration = Duration::from_millis(1);
 
 /// SIGTERM and SIGINT, registered with the OS from the moment this is created.
 struct StopSignals {
