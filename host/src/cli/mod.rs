@@ -78,14 +78,8 @@ pub fn runtime_for(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
         builder.worker_threads(threads);
         builder
     };
-    builder.enable_all().event_interval(EVENT_INTERVAL).build()
+    builder.enable_all().build()
 }
-
-/// Task polls between two looks at timers and I/O. Tokio's default (61) lets 61
-/// CPU-bound plugin slices of 10 ms run before a timer fires, and a plugin's WASI
-/// sleep is charged against its `timeout` until its timer fires: 8 bounds that delay
-/// to about 80 ms, for one cheap look per 8 polls.
-const EVENT_INTERVAL: u32 = 8;
 
 /// The pieces most commands need: config, runtime with every plugin, transport.
 pub(crate) struct App {

@@ -52,8 +52,11 @@ pub(super) const MIGRATIONS: &[&str] = &[
     //   claim moves those that are due. The queue table then holds only what can be
     //   claimed now and what is in flight, so a claim never walks past a million
     //   delayed rows. Version 1's waiting rows move there now.
-    // - A partial index finds the claims in flight: expired ones (their consumer
-    //   died) and the earliest lease end, without scanning the queue.
+    // - A claim is leased by its consumer's row in `wasmq_consumers`, renewed once per
+    //   heartbeat for all its claims. When a consumer's lease runs out, another one
+    //   marks its claims `released`; a small partial index finds those, to run alone.
+    //   Version 1's claims in flight (their consumers are older versions, stopped for
+    //   the upgrade) are released too.
     // - The columns a claim reads come before the body: reading a column after a
     //   large body would read the body's overflow pages too.
     // - `wasmq_processors` records when a consumer last had each processor, so a
@@ -64,8 +67,9 @@ pub(super) const MIGRATIONS: &[&str] = &[
         queue        TEXT    NOT NULL,
         processor    TEXT    NOT NULL,
         priority     INTEGER NOT NULL DEFAULT 2,
-        -- when the row became claimable, or, while claimed, when the lease ends
+        -- when the row became claimable
         available_at INTEGER NOT NULL,
+        -- the consumer holding it, or 'released' (its consumer died: it runs alone)
         claimed_by   TEXT,
         attempt      INTEGER NOT NULL DEFAULT 0,
         published_at INTEGER NOT NULL,
@@ -98,14 +102,22 @@ pub(super) const MIGRATIONS: &[&str] = &[
         ORDER BY available_at, id;
     INSERT INTO wasmq_messages_v2 (seq, id, queue, processor, priority, available_at, claimed_by,
                                    attempt, published_at, topic, headers, last_error, body)
-        SELECT id, CAST(id AS TEXT), queue, processor, priority, available_at, claimed_by,
+        SELECT id, CAST(id AS TEXT), queue, processor, priority, available_at,
+               CASE WHEN claimed_by IS NULL THEN NULL ELSE 'released' END,
                attempt, published_at, topic, headers, last_error, body
         FROM wasmq_messages
         WHERE CAST(id AS TEXT) NOT IN (SELECT id FROM wasmq_delayed);
     DROP TABLE wasmq_messages;
     ALTER TABLE wasmq_messages_v2 RENAME TO wasmq_messages;
     CREATE INDEX wasmq_messages_claim ON wasmq_messages (queue, processor, priority DESC, seq);
-    CREATE INDEX wasmq_messages_leases ON wasmq_messages (available_at) WHERE claimed_by IS NOT NULL;
+    CREATE INDEX wasmq_messages_released ON wasmq_messages (queue, processor, priority DESC, seq)
+        WHERE claimed_by = 'released';
+    CREATE TABLE wasmq_consumers (
+        id          TEXT    PRIMARY KEY,
+        -- its claims are its own until then; renewed by its heartbeat
+        lease_until INTEGER NOT NULL,
+        started_at  INTEGER NOT NULL
+    );
     CREATE INDEX wasmq_delayed_due ON wasmq_delayed (available_at);
     CREATE TABLE wasmq_dead_letters_v2 (
         id           TEXT    PRIMARY KEY,

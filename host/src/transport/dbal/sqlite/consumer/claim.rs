@@ -3,16 +3,18 @@
 //!
 //! A consumer claims only rows for the (queue, processor) pairs it can run. Each
 //! pair's rows are read from the claim index in priority order, at most `max` each,
-//! and merged, so a claim costs the same with one row waiting or a million. Rows whose
-//! claim expired (their consumer died, or stalled past its lease) are found through
-//! the partial index of claims in flight and are handed out one at a time, to run
-//! alone.
+//! and merged, so a claim costs the same with one row waiting or a million. A claim
+//! writes only `claimed_by` and `attempt`, which no index holds: its lease is its
+//! consumer's row. Rows released by a consumer that died are found through a partial
+//! index that holds only them, and are handed out one at a time, to run alone.
 
 use rusqlite::types::Value;
 use rusqlite::{Connection, params_from_iter};
 
 use crate::message::{Message, Priority};
 use crate::transport::dbal::{decode_headers, query_error};
+
+use super::settle::RELEASED;
 use crate::transport::{MAX_SUBSCRIPTIONS, Subscription, TransportError};
 
 /// Rows moved from `wasmq_delayed` per claim at most, so a million messages falling
@@ -31,14 +33,13 @@ const RETURNING: &str =
     "RETURNING seq, id, queue, processor, topic, body, headers, priority, published_at, attempt";
 
 /// The consumer's statements, built once for its subscriptions. Parameters: ?1 the
-/// consumer id, ?2 the new lease end, ?3 now, ?4 how many to claim, then each
-/// subscription's queue and processor. Every statement names the last parameter, so
-/// SQLite counts them all and one argument list fits every statement.
+/// consumer id, ?2 unused, ?3 now, ?4 how many to claim, then each subscription's
+/// queue and processor. Every statement names the last parameter, so SQLite counts
+/// them all and one argument list fits every statement.
 pub(super) struct ClaimSql {
     shared: String,
     alone: String,
     look: String,
-    next_due: String,
     subscriptions: Vec<Value>,
 }
 
@@ -47,56 +48,48 @@ impl ClaimSql {
         if subscriptions.len() > MAX_SUBSCRIPTIONS {
             return Err(TransportError::TooManySubscriptions(subscriptions.len()));
         }
-        let pair = |i: usize| format!("?{}, ?{}", 5 + 2 * i, 6 + 2 * i);
         let ready = |i: usize, limit: &str| {
             let (q, p) = (5 + 2 * i, 6 + 2 * i);
             format!(
-                "SELECT seq, priority FROM (SELECT seq, priority FROM wasmq_messages
-                   WHERE queue = ?{q} AND processor = ?{p} AND claimed_by IS NULL AND available_at <= ?3
-                   ORDER BY priority DESC, seq LIMIT {limit})"
+                "SELECT seq, priority FROM wasmq_messages
+                 WHERE queue = ?{q} AND processor = ?{p} AND claimed_by IS NULL AND available_at <= ?3
+                 ORDER BY priority DESC, seq LIMIT {limit}"
             )
         };
-        let union = |limit: &str| {
-            (0..subscriptions.len())
-                .map(|i| ready(i, limit))
-                .collect::<Vec<_>>()
-                .join(" UNION ALL ")
+        // One processor reads the index in order; several are merged.
+        let ready_rows = |limit: &str| match subscriptions.len() {
+            1 => ready(0, limit),
+            n => {
+                let union = (0..n)
+                    .map(|i| format!("SELECT * FROM ({})", ready(i, limit)))
+                    .collect::<Vec<_>>()
+                    .join(" UNION ALL ");
+                format!(
+                    "SELECT seq, priority FROM ({union}) ORDER BY priority DESC, seq LIMIT {limit}"
+                )
+            }
         };
         let pairs = (0..subscriptions.len())
-            .map(|i| format!("({})", pair(i)))
+            .map(|i| format!("(?{}, ?{})", 5 + 2 * i, 6 + 2 * i))
             .collect::<Vec<_>>()
             .join(", ");
-        // Expired claims of other consumers, on our subscriptions.
-        let expired = format!(
-            "FROM wasmq_messages INDEXED BY wasmq_messages_leases
-             WHERE claimed_by IS NOT NULL AND available_at <= ?3 AND claimed_by <> ?1
-               AND (queue, processor) IN (VALUES {pairs})"
+        let released = format!(
+            "FROM wasmq_messages WHERE claimed_by = '{RELEASED}' AND (queue, processor) IN (VALUES {pairs})"
         );
-        let claim =
-            "UPDATE wasmq_messages SET claimed_by = ?1, available_at = ?2, attempt = attempt + 1";
+        let claim = "UPDATE wasmq_messages SET claimed_by = ?1, attempt = attempt + 1";
         Ok(ClaimSql {
             shared: format!(
-                "{claim} WHERE seq IN (SELECT seq FROM ({}) ORDER BY priority DESC, seq LIMIT ?4) {RETURNING}",
-                union("?4")
+                "{claim} WHERE seq IN (SELECT seq FROM ({})) {RETURNING}",
+                ready_rows("?4")
             ),
             alone: format!(
-                "{claim} WHERE seq = (SELECT seq {expired} ORDER BY priority DESC, seq LIMIT 1) {RETURNING}"
+                "{claim} WHERE seq = (SELECT seq {released} ORDER BY priority DESC, seq LIMIT 1) {RETURNING}"
             ),
             look: format!(
                 "SELECT EXISTS (SELECT 1 FROM wasmq_delayed WHERE available_at <= ?3)
-                     OR EXISTS (SELECT 1 {expired})
+                     OR EXISTS (SELECT 1 {released})
                      OR EXISTS ({})",
-                union("1")
-            ),
-            // Our own claims are left out (the heartbeat renews them), and so are those
-            // of processors we do not have (we could not take them over).
-            next_due: format!(
-                "SELECT MIN(due) FROM (
-                    SELECT MIN(available_at) AS due FROM wasmq_delayed
-                    UNION ALL
-                    SELECT MIN(available_at) FROM wasmq_messages INDEXED BY wasmq_messages_leases
-                     WHERE claimed_by IS NOT NULL AND claimed_by <> ?1
-                       AND (queue, processor) IN (VALUES {pairs}))"
+                ready_rows("1")
             ),
             subscriptions: subscriptions
                 .iter()
@@ -110,10 +103,10 @@ impl ClaimSql {
         })
     }
 
-    fn args(&self, consumer: &str, lease_end: i64, now: i64, max: usize) -> Vec<Value> {
+    fn args(&self, consumer: &str, now: i64, max: usize) -> Vec<Value> {
         let mut args: Vec<Value> = vec![
             consumer.to_string().into(),
-            lease_end.into(),
+            Value::Null,
             now.into(),
             i64::try_from(max).unwrap_or(i64::MAX).into(),
         ];
@@ -126,25 +119,23 @@ impl ClaimSql {
         &self,
         conn: &Connection,
         consumer: &str,
-        lease_end: i64,
         now: i64,
         max: usize,
     ) -> Result<Vec<ClaimedRow>, TransportError> {
-        let mut rows = claim(conn, &self.shared, self.args(consumer, lease_end, now, max))?;
+        let mut rows = claim(conn, &self.shared, self.args(consumer, now, max))?;
         // RETURNING's order is unspecified: restore priority, then age.
         rows.sort_by_key(|r| (std::cmp::Reverse(r.message.priority), r.seq));
         Ok(rows)
     }
 
-    /// Claims one row whose last claim expired without a settlement, if any.
+    /// Claims one row released by a consumer that died, if any.
     pub fn claim_alone(
         &self,
         conn: &Connection,
         consumer: &str,
-        lease_end: i64,
         now: i64,
     ) -> Result<Option<ClaimedRow>, TransportError> {
-        Ok(claim(conn, &self.alone, self.args(consumer, lease_end, now, 1))?.pop())
+        Ok(claim(conn, &self.alone, self.args(consumer, now, 1))?.pop())
     }
 
     /// A read that takes no write lock: is there anything to claim or to move from
@@ -155,24 +146,15 @@ impl ClaimSql {
         consumer: &str,
         now: i64,
     ) -> Result<bool, TransportError> {
-        query_bool(conn, &self.look, self.args(consumer, 0, now, 0))
+        query_bool(conn, &self.look, self.args(consumer, now, 0))
     }
+}
 
-    /// When the next delayed row falls due or another consumer's lease on one of our
-    /// processors ends, if ever.
-    pub fn next_due(
-        &self,
-        conn: &Connection,
-        consumer: &str,
-    ) -> Result<Option<i64>, TransportError> {
-        conn.prepare_cached(&self.next_due)
-            .and_then(|mut stmt| {
-                stmt.query_row(params_from_iter(self.args(consumer, 0, 0, 0)), |row| {
-                    row.get(0)
-                })
-            })
-            .map_err(query_error("finding the next due message"))
-    }
+/// When the next delayed row falls due, if ever.
+pub(super) fn next_due(conn: &Connection) -> Result<Option<i64>, TransportError> {
+    conn.prepare_cached("SELECT MIN(available_at) FROM wasmq_delayed")
+        .and_then(|mut stmt| stmt.query_row([], |row| row.get(0)))
+        .map_err(query_error("finding the next due message"))
 }
 
 fn query_bool(conn: &Connection, sql: &str, args: Vec<Value>) -> Result<bool, TransportError> {

@@ -1,29 +1,55 @@
-//! The consumer's heartbeat: renews its claims at a third of the lease, notices
-//! claims it lost, records which processors it has, and dead-letters messages whose
-//! processor no consumer has had for `orphan_timeout`.
+//! Leases: a consumer's claims are its own while its row in `wasmq_consumers` is
+//! current. Its heartbeat renews that row at a third of `heartbeat_timeout`, one
+//! write for all its claims however many or long they are, and records which
+//! processors it has. It also releases the claims of consumers whose lease ran out
+//! (they died, or are frozen): those messages run alone next, and a frozen consumer
+//! that wakes up finds its row gone, knows its claims are lost, and registers again.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, Transaction, params};
 
-use super::settle::Pending;
-use super::{Claim, Shared, lock};
+use super::orphans::Orphans;
+use super::settle::RELEASED;
+use super::{Shared, lock};
 use crate::message::now_ms;
 use crate::transport::dbal::query_error;
 use crate::transport::{ReceiverOptions, Subscription, TransportError};
 
 /// Pause before renewing again after another process held the write lock: short, so
-/// the claims are renewed as soon as the lock is free.
+/// the lease is renewed as soon as the lock is free.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 /// How often a consumer records the processors it has, at most.
 const SEEN_EVERY: Duration = Duration::from_secs(60);
 
-/// Orphaned messages dead-lettered per transaction, so a large backlog never holds
-/// the write lock (and this consumer's thread) for long.
-const ORPHAN_BATCH: usize = 1000;
+/// How often a consumer looks for claims whose consumer has no row at all (one
+/// that crashed between losing its row and registering again): a full read of the
+/// queue table, so rarely.
+const STRAYS_EVERY: Duration = Duration::from_secs(600);
+
+/// Registers the consumer: its claims are leased from now on.
+pub(super) fn register(
+    conn: &Connection,
+    consumer: &str,
+    lease_ms: i64,
+) -> Result<(), TransportError> {
+    let now = now_ms();
+    conn.execute(
+        "INSERT OR REPLACE INTO wasmq_consumers (id, lease_until, started_at) VALUES (?, ?, ?)",
+        params![consumer, now + lease_ms, now],
+    )
+    .map(drop)
+    .map_err(query_error("registering the consumer"))
+}
+
+/// Removes the consumer's row at a graceful stop.
+pub(super) fn unregister(conn: &Connection, consumer: &str) -> Result<(), TransportError> {
+    conn.execute("DELETE FROM wasmq_consumers WHERE id = ?", [consumer])
+        .map(drop)
+        .map_err(query_error("unregistering the consumer"))
+}
 
 pub(super) async fn heartbeat(shared: Arc<Shared>, options: ReceiverOptions) {
     let every = options.heartbeat_timeout / 3;
@@ -36,41 +62,56 @@ pub(super) async fn heartbeat(shared: Arc<Shared>, options: ReceiverOptions) {
         .collect();
     let mut orphans = Orphans::new(options.orphan_timeout);
     let mut last_seen: Option<Instant> = None;
+    let mut last_strays: Option<Instant> = None;
     let mut failing = false;
     loop {
         let record_seen = last_seen.is_none_or(|at| at.elapsed() >= seen_every);
-        let renewed = if record_seen || !lock(&shared.in_flight).is_empty() {
-            shared.transact("renewing claims", |tx, settling| {
-                let lost = shared.renew(tx, settling)?;
-                if record_seen {
-                    record_processors(tx, &present)?;
-                }
-                Ok(lost)
-            })
-        } else {
-            Ok(Vec::new())
-        };
+        let renewed = shared.transact("renewing the consumer's lease", |tx, _| {
+            let kept = renew(tx, &shared.consumer_id, shared.lease_ms)?;
+            if record_seen {
+                record_processors(tx, &present)?;
+            }
+            Ok(kept)
+        });
         match renewed {
-            Ok(lost) => {
-                for claim in lost {
-                    lock(&shared.in_flight).remove(&claim);
-                    shared.claim_lost(claim.0, &claim.1, false);
+            Ok(kept) => {
+                let first = !shared
+                    .registered
+                    .swap(true, std::sync::atomic::Ordering::AcqRel);
+                if !kept && !first {
+                    // Another consumer found our lease run out (we were frozen) and
+                    // released our claims: they are lost; the row is ours again now.
+                    let lost: Vec<_> = lock(&shared.in_flight).drain().collect();
+                    for (seq, message_id) in lost {
+                        shared.claim_lost(seq, &message_id, false);
+                    }
                 }
                 if record_seen {
                     last_seen = Some(Instant::now());
                 }
                 if failing {
-                    tracing::info!("claims renewed again");
+                    tracing::info!("consumer lease renewed again");
                     failing = false;
                 }
             }
             Err(e) => {
                 if !failing {
-                    tracing::warn!(error = %e, "cannot renew message claims; retrying (if this lasts past heartbeat_timeout, other consumers may take them over)");
+                    tracing::warn!(error = %e, "cannot renew the consumer's lease; retrying (if this lasts past heartbeat_timeout, other consumers may take its messages over)");
                     failing = true;
                 }
                 tokio::time::sleep(RETRY_PAUSE).await;
                 continue;
+            }
+        }
+        if let Err(e) = release_dead(&shared) {
+            tracing::warn!(error = %e, "cannot release the claims of consumers that stopped; trying again later");
+        }
+        if last_strays.is_none_or(|at| at.elapsed() >= STRAYS_EVERY) {
+            match release_strays(&shared) {
+                Ok(()) => last_strays = Some(Instant::now()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot release claims of unknown consumers; trying again later")
+                }
             }
         }
         if let Err(e) = orphans.dead_letter(&shared).await {
@@ -80,40 +121,17 @@ pub(super) async fn heartbeat(shared: Arc<Shared>, options: ReceiverOptions) {
     }
 }
 
-impl Shared {
-    /// Pushes the lease end of every claim in flight, except those settled in this
-    /// very transaction; returns the claims found lost (another consumer holds them).
-    fn renew(
-        &self,
-        tx: &Transaction<'_>,
-        settling: &[Pending],
-    ) -> Result<Vec<Claim>, TransportError> {
-        let claims: Vec<Claim> = lock(&self.in_flight)
-            .iter()
-            .filter(|(seq, id)| {
-                !settling
-                    .iter()
-                    .any(|p| p.seq == *seq && p.message_id == *id)
-            })
-            .cloned()
-            .collect();
-        let mut renew = tx
-            .prepare_cached(
-                "UPDATE wasmq_messages SET available_at = ? WHERE seq = ? AND id = ? AND claimed_by = ?",
-            )
-            .map_err(query_error("renewing claims"))?;
-        let lease_end = now_ms() + self.lease_ms;
-        let mut lost = Vec::new();
-        for claim in claims {
-            let renewed = renew
-                .execute(params![lease_end, claim.0, claim.1, self.consumer_id])
-                .map_err(query_error("renewing claims"))?;
-            if renewed == 0 {
-                lost.push(claim);
-            }
-        }
-        Ok(lost)
+/// Pushes the consumer's lease; false when its row was gone (another consumer
+/// released its claims), and then registers it again.
+fn renew(tx: &Transaction<'_>, consumer: &str, lease_ms: i64) -> Result<bool, TransportError> {
+    let renewed = tx
+        .prepare_cached("UPDATE wasmq_consumers SET lease_until = ? WHERE id = ?")
+        .and_then(|mut stmt| stmt.execute(params![now_ms() + lease_ms, consumer]))
+        .map_err(query_error("renewing the consumer's lease"))?;
+    if renewed == 0 {
+        register(tx, consumer, lease_ms)?;
     }
+    Ok(renewed == 1)
 }
 
 /// Records that a consumer has these processors now.
@@ -136,148 +154,99 @@ fn record_processors(
     Ok(())
 }
 
-/// Messages whose processor no consumer has: found by the heartbeat, dead-lettered
-/// once this consumer has itself seen the processor missing for `orphan_timeout`, so
-/// that neither an upgrade (no record yet) nor a fleet that was stopped for a weekend
-/// dead-letters the backlog of a processor whose consumer is about to start.
-struct Orphans {
-    timeout: Duration,
-    /// Pairs with messages and no recent consumer, and since when this consumer has
-    /// seen them so.
-    missing_since: HashMap<Subscription, Instant>,
-    last_look: Option<Instant>,
-}
-
-impl Orphans {
-    fn new(timeout: Duration) -> Orphans {
-        Orphans {
-            timeout,
-            missing_since: HashMap::new(),
-            last_look: None,
-        }
-    }
-
-    /// How often to look: often enough to act within a tenth of the timeout, never
-    /// more than once a minute (a look at a missing processor reads its backlog).
-    fn every(&self) -> Duration {
-        (self.timeout / 10).min(Duration::from_secs(60))
-    }
-
-    /// Dead-letters the messages of processors missing for long enough, a batch per
-    /// transaction, yielding between batches. Looks first with reads, which take no
-    /// write lock.
-    async fn dead_letter(&mut self, shared: &Shared) -> Result<(), TransportError> {
-        if self.last_look.is_some_and(|at| at.elapsed() < self.every()) {
-            return Ok(());
-        }
-        self.last_look = Some(Instant::now());
-        let orphan_ms = i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX / 4);
-        let cutoff = now_ms().saturating_sub(orphan_ms);
-        let missing = missing_subscriptions(&lock(&shared.conn), cutoff)?;
-        self.missing_since.retain(|s, _| missing.contains(s));
-        for s in missing {
-            let since = *self
-                .missing_since
-                .entry(s.clone())
-                .or_insert_with(Instant::now);
-            if since.elapsed() < self.timeout {
-                continue;
-            }
-            let reason = format!(
-                "no consumer has processor {:?} (queue {:?}): nothing claimed its messages for orphan_timeout ({}s); deploy a consumer with that processor and replay",
-                s.processor,
-                s.queue,
-                self.timeout.as_secs()
-            );
-            let mut moved = 0;
-            loop {
-                let batch = shared
-                    .transact("dead-lettering messages no consumer can run", |tx, _| {
-                        dead_letter_orphans(tx, &s, cutoff, &reason)
-                    })?;
-                moved += batch;
-                if batch < ORPHAN_BATCH {
-                    break;
-                }
-                tokio::task::yield_now().await;
-            }
-            if moved > 0 {
-                tracing::error!(processor = %s.processor, queue = %s.queue, count = moved, "dead-lettered messages that no consumer can run");
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Messages of `s` that waited since before `cutoff`, unclaimed or claimed by a
-/// consumer whose lease ended before it, while no consumer had `s`.
-const ORPHANED: &str = "FROM wasmq_messages WHERE seq IN (
-        SELECT seq FROM wasmq_messages
-        WHERE queue = ?1 AND processor = ?2 AND available_at <= ?3
-          AND NOT EXISTS (SELECT 1 FROM wasmq_processors
-                          WHERE queue = ?1 AND processor = ?2 AND seen_at > ?3)
-        LIMIT ?4)";
-
-/// Moves one batch of `s`'s orphaned messages to the dead letters; returns how many.
-fn dead_letter_orphans(
-    tx: &Transaction<'_>,
-    s: &Subscription,
-    cutoff: i64,
-    reason: &str,
-) -> Result<usize, TransportError> {
-    let failed = query_error("dead-lettering messages no consumer can run");
-    let batch = i64::try_from(ORPHAN_BATCH).unwrap_or(i64::MAX);
-    tx.execute(
-        &format!(
-            "INSERT OR REPLACE INTO wasmq_dead_letters (id, queue, processor, topic, body, headers, priority, published_at, attempts, error, dead_at)
-             SELECT id, queue, processor, topic, body, headers, priority, published_at, attempt, ?5, ?6 {ORPHANED}"
-        ),
-        params![s.queue, s.processor, cutoff, batch, reason, now_ms()],
-    )
-    .map_err(failed)?;
-    tx.execute(
-        &format!("DELETE {ORPHANED}"),
-        params![s.queue, s.processor, cutoff, batch],
-    )
-    .map_err(query_error("dead-lettering messages no consumer can run"))
-}
-
-/// The (queue, processor) pairs with messages and no consumer seen since `cutoff`.
-/// Walks the distinct pairs through the claim index, one lookup each, so it costs
-/// the same with a million messages waiting.
-fn missing_subscriptions(
-    conn: &Connection,
-    cutoff: i64,
-) -> Result<HashSet<Subscription>, TransportError> {
-    let failed = || query_error("looking for messages no consumer can run");
-    let mut next_pair = conn
-        .prepare_cached(
-            "SELECT queue, processor FROM wasmq_messages WHERE (queue, processor) > (?, ?)
-             ORDER BY queue, processor LIMIT 1",
-        )
-        .map_err(failed())?;
-    let mut missing = HashSet::new();
-    let mut at = (String::new(), String::new());
-    while let Some(pair) = next_pair
-        .query_row(params![at.0, at.1], |row| Ok((row.get(0)?, row.get(1)?)))
-        .optional()
-        .map_err(failed())?
-    {
-        at = pair;
-        let seen: Option<i64> = conn
-            .query_row(
-                "SELECT seen_at FROM wasmq_processors WHERE queue = ? AND processor = ?",
-                params![at.0, at.1],
-                |row| row.get(0),
-            )
-            .optional()
+/// Releases the claims of every consumer whose lease ran out, and removes its row.
+/// Its claimed rows are found with a read first (no index holds `claimed_by`, and a
+/// read takes no lock); the write then releases those still held.
+fn release_dead(shared: &Shared) -> Result<(), TransportError> {
+    let failed = || query_error("releasing the claims of consumers that stopped");
+    let dead: Vec<String> = {
+        let conn = lock(&shared.conn);
+        let mut stmt = conn
+            .prepare_cached("SELECT id FROM wasmq_consumers WHERE lease_until < ? AND id <> ?")
             .map_err(failed())?;
-        if !seen.is_some_and(|seen| seen > cutoff) {
-            missing.insert(Subscription {
-                queue: at.0.clone(),
-                processor: at.1.clone(),
-            });
+        stmt.query_map(params![now_ms(), shared.consumer_id], |row| row.get(0))
+            .and_then(Iterator::collect)
+            .map_err(failed())?
+    };
+    for consumer in dead {
+        let held = claims_of(&lock(&shared.conn), "claimed_by = ?1", &consumer)?;
+        let released = shared.transact(
+            "releasing the claims of a consumer that stopped",
+            |tx, _| {
+                let gone = tx
+                    .execute(
+                        "DELETE FROM wasmq_consumers WHERE id = ? AND lease_until < ?",
+                        params![consumer, now_ms()],
+                    )
+                    .map_err(failed())?;
+                if gone == 0 {
+                    return Ok(0); // renewed meanwhile, or released by another consumer
+                }
+                release(tx, &held, "claimed_by = ?3", &consumer)
+            },
+        )?;
+        if released > 0 {
+            tracing::warn!(consumer = %consumer, count = released,
+                "a consumer stopped renewing its lease; its messages are redelivered, one at a time");
         }
     }
-    Ok(missing)
+    Ok(())
+}
+
+/// Releases claims whose consumer has no row at all.
+fn release_strays(shared: &Shared) -> Result<(), TransportError> {
+    let stray = "claimed_by <> ?3 AND claimed_by NOT IN (SELECT id FROM wasmq_consumers)";
+    let held = claims_of(
+        &lock(&shared.conn),
+        "claimed_by IS NOT NULL AND claimed_by <> ?1 AND claimed_by NOT IN (SELECT id FROM wasmq_consumers)",
+        RELEASED,
+    )?;
+    if held.is_empty() {
+        return Ok(());
+    }
+    let released = shared.transact("releasing claims of unknown consumers", |tx, _| {
+        release(tx, &held, stray, RELEASED)
+    })?;
+    if released > 0 {
+        tracing::warn!(
+            count = released,
+            "released claims of consumers that no longer exist"
+        );
+    }
+    Ok(())
+}
+
+/// The `seq` of the rows matching `condition` (with `?1` bound to `value`).
+fn claims_of(conn: &Connection, condition: &str, value: &str) -> Result<Vec<i64>, TransportError> {
+    let failed = || query_error("reading the claims of consumers that stopped");
+    let mut stmt = conn
+        .prepare_cached(&format!("SELECT seq FROM wasmq_messages WHERE {condition}"))
+        .map_err(failed())?;
+    stmt.query_map([value], |row| row.get(0))
+        .and_then(Iterator::collect)
+        .map_err(failed())
+}
+
+/// Marks these rows released, where `condition` (with `?3` bound to `value`) still
+/// holds; returns how many.
+fn release(
+    tx: &Transaction<'_>,
+    rows: &[i64],
+    condition: &str,
+    value: &str,
+) -> Result<usize, TransportError> {
+    let mut stmt = tx
+        .prepare_cached(&format!(
+            "UPDATE wasmq_messages SET claimed_by = '{RELEASED}', available_at = ?1
+             WHERE seq = ?2 AND {condition}"
+        ))
+        .map_err(query_error("releasing claims"))?;
+    let now = now_ms();
+    let mut released = 0;
+    for seq in rows {
+        released += stmt
+            .execute(params![now, seq, value])
+            .map_err(query_error("releasing claims"))?;
+    }
+    Ok(released)
 }

@@ -2,8 +2,9 @@
 //!
 //! - [`claim`]: what a consumer may claim, and looking before locking.
 //! - [`settle`]: settlements, conditioned on the claim still being ours.
-//! - [`lease`]: the heartbeat that renews claims, records the processors this
-//!   consumer has, and dead-letters messages that no consumer can run.
+//! - [`lease`]: the consumer's lease on its claims, its heartbeat, and releasing
+//!   the claims of consumers that died.
+//! - [`orphans`]: dead-lettering messages that no consumer can run.
 //!
 //! Group commit without a writer thread: a settling task queues its settlement and
 //! yields. The consumer's next claim commits everything queued in the same
@@ -28,9 +29,11 @@
 
 mod claim;
 mod lease;
+mod orphans;
 mod settle;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -56,15 +59,23 @@ const MAX_IDLE_POLL: Duration = Duration::from_millis(5);
 /// An idle consumer looks for claimable rows at least this often even when nothing
 /// changed: a row a foreign client inserted with a future `available_at` wakes no one.
 const LOOK_ANYWAY: Duration = Duration::from_secs(1);
+/// A busy consumer moves due delayed rows and looks for released ones at most this
+/// often: each costs a statement per claim, and both can wait a few milliseconds.
+const CHORES_EVERY: Duration = Duration::from_millis(10);
 
 /// The claimed rows of one consumer and the connection that writes them.
 struct Shared {
     conn: Mutex<Connection>,
     /// Settlements waiting for the next holder of `conn` to commit them.
     pending: Mutex<Vec<Pending>>,
-    /// Claimed and not yet settled, as (`seq`, message id): the claims the heartbeat
-    /// renews. Both, since SQLite hands a deleted row's `seq` to a new row.
+    /// Claimed and not yet settled, as (`seq`, message id), both since SQLite hands a
+    /// deleted row's `seq` to a new row: the claims lost if this consumer's lease is.
     in_flight: Mutex<HashSet<Claim>>,
+    /// When a claim last moved due delayed rows and looked for released ones.
+    chores_at: Mutex<Option<Instant>>,
+    /// Whether this consumer's row in `wasmq_consumers` exists (the first claim, or
+    /// the heartbeat, whichever runs first, writes it).
+    registered: AtomicBool,
     /// Claims known to be lost, so each loss is logged once.
     lost: Mutex<HashSet<Claim>>,
     /// Until when settlement receipts leave the lock alone after finding it held by
@@ -75,7 +86,7 @@ struct Shared {
     /// Marks this consumer's claims; random, so a restarted consumer never mistakes a
     /// dead predecessor's claims for its own.
     consumer_id: String,
-    /// How far each claim or renewal pushes the lease end.
+    /// How far each renewal pushes this consumer's lease.
     lease_ms: i64,
     sql: ClaimSql,
 }
@@ -219,40 +230,44 @@ impl Shared {
     }
 
     /// The claim transaction: due delayed rows move to their queues, then a row that
-    /// must run alone is taken if there is one, else up to `max` rows.
-    fn claim(&self, tx: &Transaction<'_>, max: usize) -> Result<Claimed, TransportError> {
-        let now = now_ms();
-        let lease_end = now + self.lease_ms;
-        promote_due(tx, now)?;
-        match self
-            .sql
-            .claim_alone(tx, &self.consumer_id, lease_end, now)?
-        {
-            Some(row) => Ok(Claimed::Alone(row)),
-            None => self.claim_shared(tx, lease_end, now, max),
-        }
-    }
-
-    /// After the claim committed: the heartbeat renews these rows from now on.
-    fn track<'a>(&self, rows: impl IntoIterator<Item = &'a ClaimedRow>) {
-        lock(&self.in_flight).extend(rows.into_iter().map(|r| (r.seq, r.message.id.clone())));
-    }
-
-    fn claim_shared(
+    /// must run alone is taken if there is one, else up to `max` rows. A busy
+    /// consumer does the first two at most every [`CHORES_EVERY`]; `thorough` (an idle
+    /// consumer that looked and found something) does them now.
+    fn claim(
         &self,
         tx: &Transaction<'_>,
-        lease_end: i64,
-        now: i64,
         max: usize,
+        thorough: bool,
     ) -> Result<Claimed, TransportError> {
-        let rows = self
-            .sql
-            .claim_shared(tx, &self.consumer_id, lease_end, now, max)?;
+        if !self.registered.load(Ordering::Acquire) {
+            lease::register(tx, &self.consumer_id, self.lease_ms)?;
+        }
+        let now = now_ms();
+        let chores = {
+            let mut last = lock(&self.chores_at);
+            let due = thorough || last.is_none_or(|at| at.elapsed() >= CHORES_EVERY);
+            if due {
+                *last = Some(Instant::now());
+            }
+            due
+        };
+        if chores {
+            promote_due(tx, now)?;
+            if let Some(row) = self.sql.claim_alone(tx, &self.consumer_id, now)? {
+                return Ok(Claimed::Alone(row));
+            }
+        }
+        let rows = self.sql.claim_shared(tx, &self.consumer_id, now, max)?;
         Ok(if rows.is_empty() {
             Claimed::Nothing
         } else {
             Claimed::Shared(rows)
         })
+    }
+
+    /// After the claim committed: the heartbeat renews these rows from now on.
+    fn track<'a>(&self, rows: impl IntoIterator<Item = &'a ClaimedRow>) {
+        lock(&self.in_flight).extend(rows.into_iter().map(|r| (r.seq, r.message.id.clone())));
     }
 
     /// Logs a lost claim once per message: from the heartbeat that found it, or from
@@ -296,6 +311,8 @@ impl SqliteReceiver {
             in_flight: Mutex::new(HashSet::new()),
             lost: Mutex::new(HashSet::new()),
             busy_until: Mutex::new(None),
+            chores_at: Mutex::new(None),
+            registered: AtomicBool::new(false),
             claims: !options.subscriptions.is_empty(),
             consumer_id: uuid::Uuid::new_v4().to_string(),
             lease_ms: i64::try_from(options.heartbeat_timeout.as_millis()).unwrap_or(i64::MAX / 4),
@@ -384,9 +401,10 @@ impl Receiver for SqliteReceiver {
             if worth_it {
                 // Claiming runs to completion before the next await: dropping this
                 // future can never leave rows claimed and undelivered.
-                let claimed = self
-                    .shared
-                    .transact("claiming messages", |tx, _| self.shared.claim(tx, max))?;
+                let claimed = self.shared.transact("claiming messages", |tx, _| {
+                    self.shared.claim(tx, max, look_first)
+                })?;
+                self.shared.registered.store(true, Ordering::Release);
                 match claimed {
                     Claimed::Shared(rows) => {
                         self.shared.track(&rows);
@@ -402,10 +420,7 @@ impl Receiver for SqliteReceiver {
                 }
             }
             look_first = true;
-            let next_due = self
-                .shared
-                .sql
-                .next_due(&self.watcher, &self.shared.consumer_id)?;
+            let next_due = claim::next_due(&self.watcher)?;
             self.wait_for_change(next_due).await?;
         }
     }
@@ -413,9 +428,13 @@ impl Receiver for SqliteReceiver {
     async fn close(self: Box<Self>) -> Result<(), TransportError> {
         self.heartbeat.abort();
         // Every settling task has committed or seen its settlement committed; a last
-        // drain catches any stragglers, waiting out another process's lock.
+        // drain catches any stragglers, waiting out another process's lock. Then the
+        // consumer's row goes: it holds no claims.
         loop {
-            match self.shared.drain() {
+            let result = self.shared.drain().and_then(|()| {
+                lease::unregister(&lock(&self.shared.conn), &self.shared.consumer_id)
+            });
+            match result {
                 Err(e) if e.is_retryable() => tokio::time::sleep(MAX_IDLE_POLL * 10).await,
                 other => return other,
             }
@@ -444,6 +463,10 @@ mod tests {
     }
 
     async fn receiver(transport: &SqliteTransport) -> Box<dyn Receiver> {
+        receiver_leased(transport, Duration::from_secs(30)).await
+    }
+
+    async fn receiver_leased(transport: &SqliteTransport, lease: Duration) -> Box<dyn Receiver> {
         transport
             .receiver(ReceiverOptions {
                 subscriptions: vec![Subscription {
@@ -451,7 +474,7 @@ mod tests {
                     processor: "p".into(),
                 }],
                 held_back: Vec::new(),
-                heartbeat_timeout: Duration::from_secs(30),
+                heartbeat_timeout: lease,
                 orphan_timeout: Duration::from_secs(3600),
             })
             .await
@@ -480,12 +503,14 @@ mod tests {
             .unwrap();
     }
 
-    fn expire_leases(path: &std::path::Path) {
+    /// What another consumer's heartbeat does to a consumer whose lease ran out:
+    /// its row goes and its claims are released.
+    fn release_all_claims(path: &std::path::Path) {
         rusqlite::Connection::open(path)
             .unwrap()
-            .execute(
-                "UPDATE wasmq_messages SET available_at = 0 WHERE claimed_by IS NOT NULL",
-                [],
+            .execute_batch(
+                "UPDATE wasmq_messages SET claimed_by = 'released' WHERE claimed_by IS NOT NULL;
+                 DELETE FROM wasmq_consumers;",
             )
             .unwrap();
     }
@@ -561,8 +586,8 @@ mod tests {
         let mut a = receiver(&transport).await;
         let mut b = receiver(&transport).await;
         let (stalled, _) = one(&mut a).await;
-        // A stalls past its lease: as if its heartbeat had not run for 30 s.
-        expire_leases(&path);
+        // A stalls past its lease, and another consumer's heartbeat releases its claims.
+        release_all_claims(&path);
         let (taken_over, alone) = one(&mut b).await;
         assert!(alone, "a message whose claim expired runs alone");
         assert_eq!(taken_over.message.id, stalled.message.id);
@@ -595,7 +620,7 @@ mod tests {
         let mut a = receiver(&transport).await;
         let mut b = receiver(&transport).await;
         let (stale, _) = one(&mut a).await;
-        expire_leases(&path);
+        release_all_claims(&path);
         let (taken_over, _) = one(&mut b).await;
         settle(taken_over, Settlement::Drop).await;
         // The table is empty again: SQLite gives the next row the same `seq`, and A,
@@ -637,12 +662,13 @@ mod tests {
             .send(vec![envelope("t", "crashed"), envelope("t", "fresh")])
             .await
             .unwrap();
-        let mut dead = receiver(&transport).await;
+        let mut dead = receiver_leased(&transport, Duration::from_millis(300)).await;
         let (crashed, _) = one(&mut dead).await;
-        drop(dead);
+        drop(dead); // its heartbeat stops: its lease runs out in 300 ms
         std::mem::forget(crashed); // its consumer died: no settlement, no release
-        expire_leases(&path);
-        let mut next = receiver(&transport).await;
+        // The next consumer's heartbeat finds the lease run out and releases the claim.
+        let mut next = receiver_leased(&transport, Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
         let Batch::Alone(alone) = next.next_batch(4).await.unwrap() else {
             panic!("the crashed message comes first, alone");
         };
