@@ -48,25 +48,24 @@ impl ClaimSql {
         if subscriptions.len() > MAX_SUBSCRIPTIONS {
             return Err(TransportError::TooManySubscriptions(subscriptions.len()));
         }
-        let ready = |i: usize, limit: &str| {
+        // `columns` of the ready rows of subscription `i`, best first.
+        let ready = |i: usize, columns: &str, limit: &str| {
             let (q, p) = (5 + 2 * i, 6 + 2 * i);
             format!(
-                "SELECT seq, priority FROM wasmq_messages
+                "SELECT {columns} FROM wasmq_messages
                  WHERE queue = ?{q} AND processor = ?{p} AND claimed_by IS NULL AND available_at <= ?3
                  ORDER BY priority DESC, seq LIMIT {limit}"
             )
         };
         // One processor reads the index in order; several are merged.
         let ready_rows = |limit: &str| match subscriptions.len() {
-            1 => ready(0, limit),
+            1 => ready(0, "seq", limit),
             n => {
                 let union = (0..n)
-                    .map(|i| format!("SELECT * FROM ({})", ready(i, limit)))
+                    .map(|i| format!("SELECT * FROM ({})", ready(i, "seq, priority", limit)))
                     .collect::<Vec<_>>()
                     .join(" UNION ALL ");
-                format!(
-                    "SELECT seq, priority FROM ({union}) ORDER BY priority DESC, seq LIMIT {limit}"
-                )
+                format!("SELECT seq FROM ({union}) ORDER BY priority DESC, seq LIMIT {limit}")
             }
         };
         let pairs = (0..subscriptions.len())
@@ -78,10 +77,7 @@ impl ClaimSql {
         );
         let claim = "UPDATE wasmq_messages SET claimed_by = ?1, attempt = attempt + 1";
         Ok(ClaimSql {
-            shared: format!(
-                "{claim} WHERE seq IN (SELECT seq FROM ({})) {RETURNING}",
-                ready_rows("?4")
-            ),
+            shared: format!("{claim} WHERE seq IN ({}) {RETURNING}", ready_rows("?4")),
             alone: format!(
                 "{claim} WHERE seq = (SELECT seq {released} ORDER BY priority DESC, seq LIMIT 1) {RETURNING}"
             ),

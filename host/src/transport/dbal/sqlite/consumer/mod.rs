@@ -211,8 +211,9 @@ impl Shared {
 
     /// After a commit: the settled rows need no more renewal; tell their tasks.
     fn settled(&self, batch: Vec<Pending>) {
+        let mut in_flight = lock(&self.in_flight);
         for pending in batch {
-            lock(&self.in_flight).remove(&(pending.seq, pending.message_id));
+            in_flight.remove(&(pending.seq, pending.message_id));
             if let Some(reply) = pending.reply {
                 let _ = reply.send(Ok(()));
             }
