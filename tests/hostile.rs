@@ -134,3 +134,57 @@ fn a_plugin_cannot_open_files_read_the_environment_or_connect() {
     assert!(r["env_secret"].is_null(), "{r}");
     assert_eq!(r["env_count"], 0, "{r}");
 }
+
+#[test]
+fn producer_and_plugin_text_reaches_logs_and_terminals_escaped() {
+    let env = Env::new(&scripted_with_sink("max_attempts = 1"));
+    // A producer's header and body, and what the plugin writes and logs, carry a
+    // terminal escape and line breaks that would forge a log line.
+    let forged = "\x1b[2J\nFAKE ERROR forged line";
+    let ids = env.send(
+        "test.scripted",
+        "body\x1b[31m\nsecond line",
+        &[("evil", forged), ("x-say", forged), ("x-trap", "yes")],
+        &[],
+    );
+    let out = env.run(&[
+        "consume",
+        "--queue",
+        "default",
+        "--message-limit",
+        "1",
+        "-v",
+    ]);
+    out.assert_success();
+    let log = &out.stderr;
+    assert!(!log.contains('\x1b'), "a raw ESC in the log:\n{log}");
+    assert!(
+        !log.lines().any(|l| l.starts_with("FAKE")),
+        "a forged log line:\n{log}"
+    );
+    assert!(log.contains("\\x1b[2J\\nFAKE ERROR"), "{log}");
+    let dead = env.dead_letters();
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0].2.contains("FAKE ERROR") && !dead[0].2.contains(['\x1b', '\n', '\r']),
+        "the trap's reason quotes stderr on one line, escaped: {:?}",
+        dead[0].2
+    );
+
+    let show = env.run(&["dead-letter", "show", &ids[0]]);
+    show.assert_success();
+    assert!(!show.stdout.contains('\x1b'), "{}", show.stdout);
+    assert!(
+        show.stdout
+            .contains("header:       evil=\\x1b[2J\\nFAKE ERROR forged line")
+            && show.stdout.contains("body\\x1b[31m\\nsecond line"),
+        "{}",
+        show.stdout
+    );
+    let list = env.run(&["dead-letter", "list"]);
+    assert!(!list.stdout.contains('\x1b'), "{}", list.stdout);
+    // --raw keeps the body byte for byte, for those who need it.
+    let raw = env.run(&["dead-letter", "show", &ids[0], "--raw"]);
+    raw.assert_success();
+    assert_eq!(raw.stdout, "body\x1b[31m\nsecond line");
+}

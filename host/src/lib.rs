@@ -2,6 +2,7 @@
 //! components.
 //!
 //! - [`config`]: `wasmq.toml`, typed and validated.
+//! - [`escape`]: plugin and producer text made safe for logs and terminals.
 //! - [`message`]: messages, priorities, statuses, send options, envelopes.
 //! - [`router`]: topic → the processors subscribed to it.
 //! - [`transport`]: the store boundary; [`transport::dbal::sqlite`] is the embedded default.
@@ -12,6 +13,7 @@
 pub mod cli;
 pub mod config;
 pub mod consumer;
+pub mod escape;
 pub mod message;
 pub mod router;
 pub mod runtime;

@@ -6,6 +6,8 @@
 //! - `x-work: N` computes for N rounds of arithmetic the optimizer cannot skip (CPU
 //!   only, no host calls), for tests of how time is counted;
 //! - `x-print-bytes: N` writes N bytes to stderr, in lines of 1 KiB;
+//! - `x-say: TEXT` writes TEXT to stderr and logs it through `log.log`, as it is
+//!   (control characters included: a test of how the host shows them);
 //! - `x-send: TOPIC` sends a JSON echo of the message (`id`, `body`, `attempt`,
 //!   `redelivered`, `priority`) to TOPIC; without that header, the `forward_to`
 //!   config value, when set, names the topic instead. A failed send requeues;
@@ -26,8 +28,8 @@ static CALLS: AtomicU32 = AtomicU32::new(0);
 
 use exports::wasmq::plugin::handler::{Guest, Message, Status};
 use serde_json::json;
-use wasmq::plugin::types::{Priority, SendOptions};
-use wasmq::plugin::{config, producer};
+use wasmq::plugin::types::{Level, Priority, SendOptions};
+use wasmq::plugin::{config, log, producer};
 
 struct Scripted;
 
@@ -96,6 +98,11 @@ impl Guest for Scripted {
                 }
                 Err(err) => eprintln!("scripted: ignoring x-work {rounds:?}: {err}"),
             }
+        }
+
+        if let Some(text) = header(&message, "x-say") {
+            eprintln!("{text}");
+            log::log(Level::Warn, text);
         }
 
         if let Some(bytes) = header(&message, "x-print-bytes") {

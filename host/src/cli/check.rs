@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use crate::cli::open_transport;
 use crate::config::Config;
+use crate::escape::escape_controls;
 use crate::runtime::Runtime;
 
 pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
@@ -27,7 +28,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
                         "ok: processor {:?} ({}) handles {}",
                         p.name,
                         loaded.path.display(),
-                        loaded.topics.join(", ")
+                        // A plugin chooses its topic names (subscribed-topics).
+                        escape_controls(&loaded.topics.join(", "))
                     );
                 }
                 Err(e) => problems.push(e.to_string()),
@@ -46,7 +48,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
         Ok(ExitCode::SUCCESS)
     } else {
         for problem in &problems {
-            eprintln!("error: {problem}");
+            eprintln!("error: {}", escape_controls(problem));
         }
         Ok(ExitCode::FAILURE)
     }

@@ -5,16 +5,26 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
+use std::io::Write;
+
 use crate::cli::open_transport;
 use crate::config::Config;
+use crate::escape::escape_controls;
 use crate::transport::DeadLetter;
 
 #[derive(Debug, Subcommand)]
 pub enum DeadLetterCommand {
     /// One line per dead-lettered message.
     List,
-    /// Everything about one message, body included.
-    Show { id: String },
+    /// Everything about one message, body included. Control characters in what a
+    /// producer or plugin wrote (headers, body, error) are shown escaped (`\n`,
+    /// `\x1b`); `--raw` writes the body byte for byte instead.
+    Show {
+        id: String,
+        /// Write only the body, byte for byte, with nothing escaped.
+        #[arg(long)]
+        raw: bool,
+    },
     /// Put the message back in its queue, with its id and a fresh attempt count.
     Replay { id: String },
     /// Delete every dead-lettered message.
@@ -41,14 +51,17 @@ pub async fn run(config: &Path, command: DeadLetterCommand) -> anyhow::Result<Ex
                     "{:<36} {:<20} {:<24} {:<8} {:<20} {}",
                     d.id,
                     d.processor,
-                    d.topic,
+                    escape_controls(&d.topic),
                     d.attempts,
                     time(d.dead_at_ms),
-                    d.error
+                    escape_controls(&d.error)
                 );
             }
         }
-        DeadLetterCommand::Show { id } => show(&transport.dead_letter(&id).await?),
+        DeadLetterCommand::Show { id, raw: false } => show(&transport.dead_letter(&id).await?),
+        DeadLetterCommand::Show { id, raw: true } => {
+            std::io::stdout().write_all(&transport.dead_letter(&id).await?.body)?;
+        }
         DeadLetterCommand::Replay { id } => {
             transport.replay_dead_letter(&id).await?;
             println!("replayed {id}");
@@ -58,18 +71,26 @@ pub async fn run(config: &Path, command: DeadLetterCommand) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
+/// Everything about one dead letter; what a producer or plugin wrote is escaped.
 fn show(d: &DeadLetter) {
-    println!("id:           {}", d.id);
+    println!("id:           {}", escape_controls(&d.id));
     println!("queue:        {}", d.queue);
     println!("processor:    {}", d.processor);
-    println!("topic:        {}", d.topic);
+    println!("topic:        {}", escape_controls(&d.topic));
     println!("priority:     {}", d.priority);
     println!("attempts:     {}", d.attempts);
     println!("published at: {}", time(d.published_at_ms));
     println!("dead at:      {}", time(d.dead_at_ms));
-    println!("error:        {}", d.error);
+    println!("error:        {}", escape_controls(&d.error));
     for (name, value) in &d.headers {
-        println!("header:       {name}={value}");
+        println!(
+            "header:       {}={}",
+            escape_controls(name),
+            escape_controls(value)
+        );
     }
-    println!("body:\n{}", String::from_utf8_lossy(&d.body));
+    println!(
+        "body:\n{}",
+        escape_controls(&String::from_utf8_lossy(&d.body))
+    );
 }

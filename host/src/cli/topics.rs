@@ -4,6 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use crate::cli::App;
+use crate::escape::escape_controls;
 use crate::runtime::registry::Slot;
 
 pub async fn run(config: &Path) -> anyhow::Result<ExitCode> {
@@ -23,7 +24,12 @@ pub async fn run(config: &Path) -> anyhow::Result<ExitCode> {
             };
             println!(
                 "{:<32} {:<20} {:<16} {:<28} {}",
-                topic, route.processor, route.queue, plugin, hash
+                // A plugin chooses its topic names (subscribed-topics).
+                escape_controls(topic),
+                route.processor,
+                route.queue,
+                plugin,
+                hash
             );
         }
     }

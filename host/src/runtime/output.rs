@@ -9,6 +9,8 @@ use bytes::Bytes;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 
+use crate::escape::escape_controls;
+
 /// A line longer than this is logged in pieces, so a plugin cannot make the host buffer
 /// without bound.
 const MAX_LINE: usize = 8 << 10;
@@ -126,6 +128,8 @@ impl PluginOutput {
         if text.trim().is_empty() {
             return;
         }
+        // A CR or ESC inside the line must not rewrite the log or the reason.
+        let text = escape_controls(text);
         // Only what the log shows counts against the budget (stdout is INFO: hidden
         // without -v). The newline counts: it is a byte the plugin wrote.
         match stream {

@@ -3,6 +3,7 @@
 
 use wasmtime::component::{HasSelf, Linker};
 
+use crate::escape::escape_controls;
 use crate::runtime::bindings::log::{self, Host};
 use crate::runtime::bindings::types::Level;
 use crate::runtime::state::PluginState;
@@ -40,6 +41,8 @@ impl Host for PluginState {
         }
         let message_id = output.message_id.clone();
         drop(output);
+        // A newline in the text would forge a log line of its own.
+        let text = escape_controls(&text);
         let plugin = &*self.plugin.name;
         match level {
             Level::Trace => {
