@@ -228,3 +228,37 @@ fn a_plugin_sleeping_in_a_host_call_past_its_timeout_times_out() {
         "a 5 s sleep under a 1 s timeout ended after {took} ms"
     );
 }
+
+#[test]
+fn topic_names_and_headers_outside_their_limits_are_refused_by_name() {
+    let env = Env::new(&scripted_with_sink(""));
+    let out = env.run(&["send", "no spaces!", "x"]);
+    out.assert_failure();
+    assert!(
+        out.stderr.contains("\"no spaces!\" contains ' '") && out.stderr.contains("A-Z, a-z, 0-9"),
+        "{}",
+        out.stderr
+    );
+    let big = format!("big={}", "v".repeat(8193));
+    let out = env.run(&["send", "test.scripted", "x", "--header", &big]);
+    out.assert_failure();
+    assert!(
+        out.stderr
+            .contains("header \"big\" has a value of 8193 bytes"),
+        "{}",
+        out.stderr
+    );
+    assert!(env.queue_bodies("default").is_empty(), "nothing was stored");
+
+    let bad_config = Env::new(
+        "[[processor]]\nname = \"p\"\nplugin = \"noop.wasm\"\ntopics = [\"ok.topic\", \"not ok\"]\n",
+    );
+    let check = bad_config.run(&["check"]);
+    check.assert_failure();
+    assert!(
+        check.stderr.contains("[[processor]] \"p\"")
+            && check.stderr.contains("\"not ok\" contains ' '"),
+        "{}",
+        check.stderr
+    );
+}

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::message::{MAX_TOPICS_PER_PROCESSOR, check_topic};
+
 /// The default config path, overridden by `--config` or `WASMQ_CONFIG`.
 pub const DEFAULT_CONFIG_PATH: &str = "wasmq.toml";
 
@@ -383,8 +385,16 @@ impl Config {
                         "{at}: `topics` is an empty list: name topics, or leave the key out to use the plugin's subscribed-topics"
                     ));
                 }
-                if let Some(bad) = topics.iter().find(|t| t.trim().is_empty()) {
-                    problems.push(format!("{at}: topic {bad:?} is empty"));
+                if topics.len() > MAX_TOPICS_PER_PROCESSOR {
+                    problems.push(format!(
+                        "{at}: {} topics: a processor handles at most {MAX_TOPICS_PER_PROCESSOR}; split it into several processors",
+                        topics.len()
+                    ));
+                }
+                for topic in topics {
+                    if let Err(e) = check_topic(topic) {
+                        problems.push(format!("{at}: {e}"));
+                    }
                 }
             }
             if p.timeout.is_zero() {

@@ -138,6 +138,66 @@ impl Envelope {
     }
 }
 
+/// Longest topic name, in bytes.
+pub const MAX_TOPIC_BYTES: usize = 255;
+/// Most topics one processor may handle (configured or declared by its plugin).
+pub const MAX_TOPICS_PER_PROCESSOR: usize = 64;
+/// Most headers on one message.
+pub const MAX_HEADERS: usize = 64;
+/// Longest header name, in bytes.
+pub const MAX_HEADER_NAME_BYTES: usize = 255;
+/// Longest header value, in bytes.
+pub const MAX_HEADER_VALUE_BYTES: usize = 8 << 10;
+
+/// A topic name is 1 to 255 bytes of `A-Z a-z 0-9 . _ -`: printable anywhere, and
+/// the same on every transport (an AMQP routing key, a SQL column). The error says
+/// what is wrong, for the caller to name where the topic came from.
+pub fn check_topic(topic: &str) -> Result<(), String> {
+    // `{:?}` shows control characters escaped.
+    let shown = topic;
+    if topic.is_empty() || topic.len() > MAX_TOPIC_BYTES {
+        return Err(format!(
+            "topic {shown:?} is {} bytes long: a topic has 1 to {MAX_TOPIC_BYTES} bytes",
+            topic.len()
+        ));
+    }
+    match topic
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        Some(bad) => Err(format!(
+            "topic {shown:?} contains {bad:?}: a topic is made of A-Z, a-z, 0-9, '.', '_' and '-'"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// At most 64 headers, names of at most 255 bytes, values of at most 8 KiB.
+pub fn check_headers(headers: &[(String, String)]) -> Result<(), String> {
+    if headers.len() > MAX_HEADERS {
+        return Err(format!(
+            "{} headers: a message carries at most {MAX_HEADERS}",
+            headers.len()
+        ));
+    }
+    for (name, value) in headers {
+        let shown = name;
+        if name.is_empty() || name.len() > MAX_HEADER_NAME_BYTES {
+            return Err(format!(
+                "header name {shown:?} is {} bytes long: a name has 1 to {MAX_HEADER_NAME_BYTES} bytes",
+                name.len()
+            ));
+        }
+        if value.len() > MAX_HEADER_VALUE_BYTES {
+            return Err(format!(
+                "header {shown:?} has a value of {} bytes: a value has at most {MAX_HEADER_VALUE_BYTES} bytes (8 KiB); put large data in the body",
+                value.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Milliseconds since the Unix epoch, the time unit of every stored timestamp.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -149,6 +209,41 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topics_and_headers_have_named_limits() {
+        assert!(check_topic("search.index-entities_v2").is_ok());
+        for (bad, why) in [
+            ("", "1 to 255 bytes"),
+            ("a b", "contains ' '"),
+            ("a\nb", "contains '\\n'"),
+        ] {
+            let err = check_topic(bad).unwrap_err();
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
+        assert!(
+            check_topic(&"t".repeat(256))
+                .unwrap_err()
+                .contains("256 bytes")
+        );
+        let header = |n: &str, v: &str| (n.to_string(), v.to_string());
+        assert!(check_headers(&[header("tenant", "acme")]).is_ok());
+        assert!(
+            check_headers(&vec![header("h", ""); 65])
+                .unwrap_err()
+                .contains("at most 64")
+        );
+        assert!(
+            check_headers(&[header("big", &"x".repeat(8193))])
+                .unwrap_err()
+                .contains("\"big\" has a value of 8193 bytes")
+        );
+        assert!(
+            check_headers(&[header(&"n".repeat(256), "")])
+                .unwrap_err()
+                .contains("256 bytes long")
+        );
+    }
 
     #[test]
     fn priorities_round_trip_through_names_and_levels() {

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use crate::config::{OnUnroutable, ProcessorConfig};
-use crate::message::{Envelope, SendOptions};
+use crate::message::{Envelope, SendOptions, check_headers, check_topic};
 
 /// One processor subscribed to a topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +42,9 @@ pub struct Unroutable {
 pub enum RouteError {
     #[error(transparent)]
     Unroutable(#[from] Unroutable),
+    /// A topic name or headers outside the limits in `message`.
+    #[error("{0}")]
+    Invalid(String),
     #[error(
         "body of {body_bytes} bytes is larger than the memory_limit of processor {processor:?} ({memory_limit} bytes), which receives topic {topic:?}: send a smaller body (store large payloads elsewhere and send a reference) or raise that processor's `memory_limit`"
     )]
@@ -89,6 +92,8 @@ impl Router {
         body: &[u8],
         options: &SendOptions,
     ) -> Result<Vec<Envelope>, RouteError> {
+        check_topic(topic).map_err(RouteError::Invalid)?;
+        check_headers(&options.headers).map_err(RouteError::Invalid)?;
         let Some(routes) = self.routes.get(topic) else {
             if self.on_unroutable == OnUnroutable::Drop {
                 tracing::debug!(

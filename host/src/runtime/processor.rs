@@ -16,7 +16,7 @@ use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::WasiCtxBuilder;
 
 use crate::config::ProcessorConfig;
-use crate::message::{Envelope, Message, Status};
+use crate::message::{Envelope, MAX_TOPICS_PER_PROCESSOR, Message, Status, check_topic};
 use crate::router::Router;
 use crate::runtime::RuntimeError;
 use crate::runtime::bindings::{Processor, ProcessorPre, types};
@@ -231,11 +231,12 @@ impl LoadedProcessor {
 
     /// Calls `subscribed-topics` on a fresh instance.
     async fn subscribed_topics(&self) -> Result<Vec<String>, RuntimeError> {
-        let failed = |f: Failure| RuntimeError::SubscribedTopics {
+        let refused = |reason: String| RuntimeError::SubscribedTopics {
             processor: self.config.name.clone(),
             plugin: self.path.clone(),
-            reason: f.to_string(),
+            reason,
         };
+        let failed = |f: Failure| refused(f.to_string());
         let router = Arc::new(Router::default());
         let mut store = self.new_store(router.clone());
         let clock = self.arm(&mut store, router, "subscribed-topics");
@@ -245,11 +246,20 @@ impl LoadedProcessor {
             .call_subscribed_topics(&mut store);
         let result = clock.meter(call).await;
         let topics = self.result_of(&store, result).map_err(failed)?;
-        if topics.is_empty() || topics.iter().any(|t| t.trim().is_empty()) {
+        if topics.is_empty() {
             return Err(RuntimeError::NoTopics {
                 processor: self.config.name.clone(),
                 plugin: self.path.clone(),
             });
+        }
+        if topics.len() > MAX_TOPICS_PER_PROCESSOR {
+            return Err(refused(format!(
+                "it declares {} topics, and a processor handles at most {MAX_TOPICS_PER_PROCESSOR}",
+                topics.len()
+            )));
+        }
+        for topic in &topics {
+            check_topic(topic).map_err(refused)?;
         }
         Ok(topics)
     }
