@@ -262,3 +262,69 @@ fn topic_names_and_headers_outside_their_limits_are_refused_by_name() {
         check.stderr
     );
 }
+
+#[test]
+fn a_plugin_sends_only_within_send_topics_and_cannot_forge_its_sender() {
+    let env = Env::new(&format!(
+        "{}\n[[processor]]\nname = \"other\"\nplugin = \"noop.wasm\"\ntopics = [\"test.other\"]\nqueue = \"sink\"\n",
+        scripted_with_sink("send_topics = [\"test.o*t\"]\nmax_attempts = 1")
+    ));
+    // Inside the list, and pretending to be someone else.
+    env.send(
+        "test.scripted",
+        "allowed",
+        &[
+            ("x-send", "test.out"),
+            ("x-send-header", "X-Wasmq-Sender=admin"),
+        ],
+        &[],
+    );
+    // Outside it.
+    env.send("test.scripted", "refused", &[("x-send", "test.other")], &[]);
+    let out = env.run(&[
+        "consume",
+        "--queue",
+        "default",
+        "--message-limit",
+        "2",
+        "-v",
+    ]);
+    out.assert_success();
+    assert!(
+        out.stderr.contains("not in send_topics") && out.stderr.contains("test.other"),
+        "{}",
+        out.stderr
+    );
+    let headers: Vec<String> = env.sql(|conn| {
+        conn.prepare("SELECT headers FROM wasmq_messages WHERE queue = 'sink'")?
+            .query_map([], |r| r.get(0))?
+            .collect()
+    });
+    assert_eq!(
+        headers,
+        [r#"[["x-wasmq-sender","scripted"]]"#],
+        "one send stored, stamped by the host with the real sender"
+    );
+}
+
+#[test]
+fn a_plugin_cannot_subscribe_itself_to_a_topic_the_config_gives_another() {
+    // `scripted` declares test.scripted itself; the config gives it to `owner`.
+    let env = Env::new(
+        "[[processor]]\nname = \"scripted\"\nplugin = \"scripted.wasm\"\n\n\
+         [[processor]]\nname = \"owner\"\nplugin = \"noop.wasm\"\ntopics = [\"test.scripted\"]\nqueue = \"owner\"\n",
+    );
+    let check = env.run(&["check"]);
+    check.assert_failure();
+    assert!(
+        check
+            .stderr
+            .contains("subscribes itself to topic \"test.scripted\"")
+            && check.stderr.contains("processor \"owner\""),
+        "{}",
+        check.stderr
+    );
+    let ids = env.send("test.scripted", "x", &[], &[]);
+    assert_eq!(ids.len(), 1, "only the owner gets a delivery");
+    assert_eq!(env.queue_bodies("owner"), ["x"]);
+}

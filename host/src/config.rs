@@ -214,6 +214,11 @@ pub struct ProcessorConfig {
     /// host hold up to 10,000 × 16 MiB until the message settles.
     #[serde(default = "default_max_send_bytes", deserialize_with = "byte_size")]
     pub max_send_bytes: u64,
+    /// Topics the plugin may send to, as patterns where `*` matches any run of
+    /// characters (`"search.*"`); absent, any topic. A send outside them answers
+    /// `invalid`: a plugin cannot inject messages where its operator did not mean it to.
+    #[serde(default)]
+    pub send_topics: Option<Vec<String>>,
     /// Log text one call may write (stdout, stderr and `log.log` together); the rest
     /// is dropped and one warning says how much, so a plugin cannot flood the log.
     /// `0` keeps a plugin silent.
@@ -417,6 +422,14 @@ impl Config {
                 problems.push(format!(
                     "{at}: `instance_reuse` = 0: use 1 for a fresh instance per message, or N to reuse one for N messages"
                 ));
+            }
+            for pattern in p.send_topics.iter().flatten() {
+                // A pattern is a topic with `*` in it: check it with a letter instead.
+                if let Err(e) = check_topic(&pattern.replace('*', "x")) {
+                    problems.push(format!(
+                        "{at}: `send_topics` pattern {pattern:?} is not a topic pattern ({e}); `*` matches any run of characters"
+                    ));
+                }
             }
             if !(1..=MAX_SEND_BYTES_LIMIT).contains(&p.max_send_bytes) {
                 problems.push(format!(

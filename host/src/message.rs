@@ -172,6 +172,27 @@ pub fn check_topic(topic: &str) -> Result<(), String> {
     }
 }
 
+/// Whether `topic` matches `pattern`, where `*` matches any run of characters
+/// (`search.*` matches `search.index`; `*` matches everything).
+pub fn topic_matches(pattern: &str, topic: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = topic.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty(); // no `*`: the whole topic
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
 /// At most 64 headers, names of at most 255 bytes, values of at most 8 KiB.
 pub fn check_headers(headers: &[(String, String)]) -> Result<(), String> {
     if headers.len() > MAX_HEADERS {
@@ -209,6 +230,27 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topic_patterns_match_with_stars() {
+        for (pattern, topic, matches) in [
+            ("search.*", "search.index", true),
+            ("search.*", "search.", true),
+            ("search.*", "mail.send", false),
+            ("*", "anything", true),
+            ("a*b*c", "a-x-b-y-c", true),
+            ("a*b*c", "a-c-b", false),
+            ("exact", "exact", true),
+            ("exact", "exactly", false),
+            ("*.done", "job.done", true),
+        ] {
+            assert_eq!(
+                topic_matches(pattern, topic),
+                matches,
+                "{pattern} ~ {topic}"
+            );
+        }
+    }
 
     #[test]
     fn topics_and_headers_have_named_limits() {

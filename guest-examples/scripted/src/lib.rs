@@ -12,6 +12,7 @@
 //!   `redelivered`, `priority`) to TOPIC; without that header, the `forward_to`
 //!   config value, when set, names the topic instead. A failed send requeues;
 //! - `x-send-count: N` sends that echo N times (default 1);
+//! - `x-send-header: NAME=VALUE` puts that header on the echo;
 //! - `x-answer: ack|reject|requeue` picks the returned status (default `ack`);
 //! - `x-trap: yes` panics after sending (so the send must be discarded);
 //! - the echo's `instance_calls` counts the calls this instance has served, which
@@ -129,7 +130,10 @@ impl Guest for Scripted {
             let options = SendOptions {
                 priority: None,
                 delay_ms: None,
-                headers: Vec::new(),
+                headers: header(&message, "x-send-header")
+                    .and_then(|h| h.split_once('='))
+                    .map(|(name, value)| vec![(name.to_string(), value.to_string())])
+                    .unwrap_or_default(),
             };
             let count = header(&message, "x-send-count").map_or(1, |n| n.parse().unwrap_or(1));
             for _ in 0..count {

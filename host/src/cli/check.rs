@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use crate::cli::open_transport;
 use crate::config::Config;
 use crate::escape::escape_controls;
-use crate::runtime::Runtime;
+use crate::runtime::registry::claimed_elsewhere;
+use crate::runtime::{Runtime, RuntimeError};
 
 pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
     let config = match Config::load(config_path) {
@@ -23,6 +24,9 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
         match runtime.load(p, &config.plugin_path(p)).await {
             Ok(loaded) => match loaded.probe().await {
                 Ok(()) => {
+                    for taken in claimed_elsewhere(&config, p, &loaded.topics) {
+                        problems.push(RuntimeError::from(taken).to_string());
+                    }
                     topics += loaded.topics.len();
                     println!(
                         "ok: processor {:?} ({}) handles {}",

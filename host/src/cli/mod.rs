@@ -13,8 +13,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
-use crate::runtime::Runtime;
 use crate::runtime::registry::Registry;
+use crate::runtime::{Runtime, RuntimeError};
 use crate::transport::{self, Dsn, Transport};
 
 /// A message-queue consumer whose processors are sandboxed WebAssembly components.
@@ -96,7 +96,14 @@ impl App {
         let runtime = Runtime::new(config.max_memory_limit(), &config.cache_dir())?;
         let (registry, errors) = Registry::load(&runtime, &config).await;
         for e in errors {
-            tracing::error!(error = %e, "plugin cannot be loaded; its messages wait in their queue until it is fixed (`wasmq check` lists every problem)");
+            match e {
+                RuntimeError::TopicClaimed { .. } => {
+                    tracing::warn!(error = %e, "a plugin's own topic is not routed to it");
+                }
+                e => {
+                    tracing::error!(error = %e, "plugin cannot be loaded; its messages wait in their queue until it is fixed (`wasmq check` lists every problem)");
+                }
+            }
         }
         let transport = open_transport(&config).await?;
         Ok(App {

@@ -62,6 +62,24 @@ pub enum RuntimeError {
     NoTopics { processor: String, plugin: PathBuf },
     #[error("cannot set up the WebAssembly engine: {0}")]
     Engine(String),
+    #[error(
+        "processor {processor:?}: its plugin subscribes itself to topic {topic:?}, which the config gives to processor {owner:?}; it does not receive it. List the processor's `topics` in its [[processor]] table if it should"
+    )]
+    TopicClaimed {
+        processor: String,
+        topic: String,
+        owner: String,
+    },
+}
+
+impl From<registry::TopicClaimed> for RuntimeError {
+    fn from(c: registry::TopicClaimed) -> RuntimeError {
+        RuntimeError::TopicClaimed {
+            processor: c.processor,
+            topic: c.topic,
+            owner: c.owner,
+        }
+    }
 }
 
 /// The engine, the linker with every host import, and the epoch ticker.

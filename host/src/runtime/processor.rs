@@ -114,6 +114,7 @@ impl LoadedProcessor {
                 name: config.name.as_str().into(),
                 config: config.config.clone(),
                 max_send_bytes: config.max_send_bytes,
+                send_topics: config.send_topics.clone(),
             }),
             engine: engine.clone(),
             pre,

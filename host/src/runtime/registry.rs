@@ -31,6 +31,41 @@ impl Slot {
     }
 }
 
+/// A topic a plugin declared for itself that another processor's config claims.
+#[derive(Debug, Clone)]
+pub struct TopicClaimed {
+    pub processor: String,
+    pub topic: String,
+    pub owner: String,
+}
+
+/// The topics of `declared` (what `processor`'s plugin subscribed itself to, when its
+/// config names none) that another processor's config lists. A plugin's own
+/// declaration never joins a topic its operator gave to someone else: it would
+/// receive copies of their messages.
+pub fn claimed_elsewhere(
+    config: &Config,
+    processor: &ProcessorConfig,
+    declared: &[String],
+) -> Vec<TopicClaimed> {
+    if processor.topics.is_some() {
+        return Vec::new(); // the operator chose these topics
+    }
+    declared
+        .iter()
+        .filter_map(|topic| {
+            let owner = config.processors.iter().find(|other| {
+                other.name != processor.name && other.topics.iter().flatten().any(|t| t == topic)
+            })?;
+            Some(TopicClaimed {
+                processor: processor.name.clone(),
+                topic: topic.clone(),
+                owner: owner.name.clone(),
+            })
+        })
+        .collect()
+}
+
 pub struct Registry {
     pub processors: BTreeMap<String, Slot>,
     pub router: Arc<Router>,
@@ -45,9 +80,13 @@ impl Registry {
         for p in &config.processors {
             let slot = match runtime.load(p, &config.plugin_path(p)).await {
                 Ok(loaded) => {
+                    let taken = claimed_elsewhere(config, p, &loaded.topics);
                     for topic in &loaded.topics {
-                        router.subscribe(topic, Route::to(p));
+                        if !taken.iter().any(|e| &e.topic == topic) {
+                            router.subscribe(topic, Route::to(p));
+                        }
                     }
+                    errors.extend(taken.into_iter().map(RuntimeError::from));
                     Slot::Ready(Arc::new(loaded))
                 }
                 Err(e) => {

@@ -25,6 +25,8 @@ pub struct PluginInfo {
     pub config: std::collections::BTreeMap<String, String>,
     /// The processor's `max_send_bytes`: what the sends of one call may store in total.
     pub max_send_bytes: u64,
+    /// The processor's `send_topics`: where it may send; `None` is anywhere.
+    pub send_topics: Option<Vec<String>>,
 }
 
 /// Enforces `memory_limit` and remembers that it did, so the failure is reported as

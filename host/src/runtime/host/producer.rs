@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use wasmtime::component::{HasSelf, Linker};
 
-use crate::message::{Envelope, SendOptions};
+use crate::message::{Envelope, SendOptions, topic_matches};
 use crate::router::RouteError;
 use crate::runtime::bindings::producer::{self, Host};
 use crate::runtime::bindings::types;
@@ -14,6 +14,9 @@ use crate::runtime::state::PluginState;
 /// Sends per processed message at most: a runaway loop fails fast instead of
 /// growing the settlement transaction without bound.
 pub const MAX_SENDS_PER_MESSAGE: usize = 10_000;
+
+/// The header the host stamps on every plugin send: the sending processor's name.
+pub const SENDER_HEADER: &str = "x-wasmq-sender";
 
 /// Largest body a plugin may send.
 pub const MAX_SEND_BODY: usize = 16 << 20;
@@ -36,10 +39,23 @@ impl Host for PluginState {
                 body.len()
             )));
         }
+        if let Some(allowed) = &self.plugin.send_topics
+            && !allowed.iter().any(|pattern| topic_matches(pattern, &topic))
+        {
+            return Err(types::SendError::Invalid(format!(
+                "topic {topic:?} is not in send_topics {allowed:?} of processor {:?}: send to one of those, or add it to `send_topics` in its [[processor]] table",
+                self.plugin.name
+            )));
+        }
+        // Who sent it is the host's to say: a plugin's own x-wasmq-sender (one it
+        // forwards from the message it handles, say) is replaced.
+        let mut headers = options.headers;
+        headers.retain(|(name, _)| !name.eq_ignore_ascii_case(SENDER_HEADER));
+        headers.push((SENDER_HEADER.to_string(), self.plugin.name.to_string()));
         let options = SendOptions {
             priority: options.priority.map(Into::into).unwrap_or_default(),
             delay: Duration::from_millis(options.delay_ms.unwrap_or(0)),
-            headers: options.headers,
+            headers,
         };
         let envelopes = match self.call.router.route(&topic, &body, &options) {
             Ok(envelopes) => envelopes,
