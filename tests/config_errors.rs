@@ -213,3 +213,65 @@ fn compiled_plugins_are_cached_and_a_corrupt_cache_file_is_recompiled() {
     out.assert_success();
     assert!(out.stderr.contains("recompiling"), "{}", out.stderr);
 }
+
+#[test]
+fn a_cache_anyone_else_could_write_is_refused_and_the_plugin_recompiled() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::with_config(&format!(
+        "[plugins]\ndir = {:?}\ncache_dir = \"cache\"\n[[processor]]\nname = \"a\"\nplugin = \"noop.wasm\"\n",
+        plugins_dir()
+    ));
+    env.run(&["check"]).assert_success();
+    let dir = env.path().join("cache");
+    let mode =
+        |p: &std::path::Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700, "the cache folder is private");
+    let cached = std::fs::read_dir(&dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert_eq!(mode(&cached), 0o600);
+    let name = cached.file_name().unwrap().to_string_lossy().into_owned();
+
+    // A world-writable artifact: someone else could have put native code there.
+    std::fs::set_permissions(&cached, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = env.run(&["check"]);
+    out.assert_success();
+    assert!(
+        out.stderr.contains("not trusting")
+            && out.stderr.contains(&name)
+            && out.stderr.contains("writable"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(mode(&cached), 0o600, "recompiled and written afresh");
+
+    // A symlink planted in its place is refused, not followed, and replaced.
+    let elsewhere = env.path().join("elsewhere.cwasm");
+    std::fs::copy(&cached, &elsewhere).unwrap();
+    std::fs::remove_file(&cached).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &cached).unwrap();
+    let out = env.run(&["check"]);
+    out.assert_success();
+    assert!(
+        out.stderr.contains("not trusting") && out.stderr.contains(&name),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        std::fs::symlink_metadata(&cached).unwrap().is_file(),
+        "the link was replaced"
+    );
+
+    // A cache folder others can write is not used at all; the plugins still load.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = env.run(&["check"]);
+    out.assert_success();
+    assert!(
+        out.stderr.contains("cache folder is writable"),
+        "{}",
+        out.stderr
+    );
+}
