@@ -275,3 +275,22 @@ fn a_cache_anyone_else_could_write_is_refused_and_the_plugin_recompiled() {
         out.stderr
     );
 }
+
+#[test]
+fn a_plugin_file_over_max_plugin_size_is_refused_before_it_is_compiled() {
+    let env = Env::with_config(&format!(
+        "[plugins]\ndir = {:?}\ncache_dir = \"cache\"\nmax_plugin_size = \"10KiB\"\n[[processor]]\nname = \"a\"\nplugin = \"noop.wasm\"\ntopics = [\"t\"]\n",
+        plugins_dir()
+    ));
+    let out = env.run(&["check"]);
+    out.assert_failure();
+    assert!(
+        out.stderr.contains("noop.wasm")
+            && out
+                .stderr
+                .contains("over [plugins] max_plugin_size (10240 bytes)"),
+        "{}",
+        out.stderr
+    );
+    assert!(!env.path().join("cache").exists(), "nothing was compiled");
+}

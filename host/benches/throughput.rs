@@ -283,7 +283,7 @@ fn ready(registry: &Registry) -> &LoadedProcessor {
 
 async fn load(dir: &Path, reuse: u32) -> (Runtime, Arc<Registry>) {
     let config = config(dir, reuse);
-    let runtime = Runtime::new(config.max_memory_limit(), &config.cache_dir()).unwrap();
+    let runtime = Runtime::for_config(&config).unwrap();
     let (registry, errors) = Registry::load(&runtime, &config).await;
     assert!(errors.is_empty(), "{errors:?}");
     (runtime, Arc::new(registry))

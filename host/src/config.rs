@@ -102,6 +102,10 @@ pub struct PluginsConfig {
     /// Compiled plugins, keyed by content hash and engine, so a restart does not recompile.
     #[serde(default = "default_cache_dir")]
     pub cache_dir: PathBuf,
+    /// Plugin files larger than this are refused before they are read or compiled:
+    /// compiling costs memory and CPU in the host, outside any sandbox limit.
+    #[serde(default = "default_max_plugin_size", deserialize_with = "byte_size")]
+    pub max_plugin_size: u64,
 }
 
 impl Default for PluginsConfig {
@@ -109,12 +113,18 @@ impl Default for PluginsConfig {
         PluginsConfig {
             dir: default_plugins_dir(),
             cache_dir: default_cache_dir(),
+            max_plugin_size: default_max_plugin_size(),
         }
     }
 }
 
 fn default_plugins_dir() -> PathBuf {
     "plugins".into()
+}
+
+/// 64 MiB: a Python or JavaScript component is 10-40 MiB.
+pub fn default_max_plugin_size() -> u64 {
+    64 << 20
 }
 
 fn default_cache_dir() -> PathBuf {

@@ -17,7 +17,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    let runtime = Runtime::new(config.max_memory_limit(), &config.cache_dir())?;
+    let runtime = Runtime::for_config(&config)?;
     let mut problems = Vec::new();
     let mut topics = 0;
     for p in &config.processors {

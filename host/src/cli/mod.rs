@@ -93,7 +93,7 @@ pub(crate) struct App {
 impl App {
     pub async fn load(config_path: &Path) -> anyhow::Result<App> {
         let config = Config::load(config_path)?;
-        let runtime = Runtime::new(config.max_memory_limit(), &config.cache_dir())?;
+        let runtime = Runtime::for_config(&config)?;
         let (registry, errors) = Registry::load(&runtime, &config).await;
         for e in errors {
             match e {

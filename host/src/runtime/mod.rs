@@ -20,6 +20,7 @@ pub mod registry;
 pub mod state;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use wasmtime::Engine;
 use wasmtime::component::Linker;
@@ -63,6 +64,14 @@ pub enum RuntimeError {
     #[error("cannot set up the WebAssembly engine: {0}")]
     Engine(String),
     #[error(
+        "plugin {plugin:?} is {size} bytes, over [plugins] max_plugin_size ({limit} bytes): check it is the plugin you meant, or raise max_plugin_size"
+    )]
+    TooLarge {
+        plugin: PathBuf,
+        size: u64,
+        limit: u64,
+    },
+    #[error(
         "processor {processor:?}: its plugin subscribes itself to topic {topic:?}, which the config gives to processor {owner:?}; it does not receive it. List the processor's `topics` in its [[processor]] table if it should"
     )]
     TopicClaimed {
@@ -87,8 +96,15 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<PluginState>,
     cache_dir: PathBuf,
+    /// `[plugins] max_plugin_size`: larger files are refused before they are read.
+    max_plugin_size: u64,
     _ticker: engine::EpochTicker,
 }
+
+/// Longest a plugin may take to compile: cranelift is fast (a second or so for a
+/// large component); a file that takes longer is treated as hostile. The compile
+/// runs on a blocking thread, so the consumer's own thread never waits on it.
+const COMPILE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Runtime {
     /// `max_memory` is the largest `memory_limit` of any processor.
@@ -101,7 +117,15 @@ impl Runtime {
             engine,
             linker,
             cache_dir: cache_dir.to_path_buf(),
+            max_plugin_size: crate::config::default_max_plugin_size(),
         })
+    }
+
+    /// The runtime a config asks for: its memory limits, cache and plugin size cap.
+    pub fn for_config(config: &crate::config::Config) -> Result<Runtime, RuntimeError> {
+        let mut runtime = Runtime::new(config.max_memory_limit(), &config.cache_dir())?;
+        runtime.max_plugin_size = config.plugins.max_plugin_size;
+        Ok(runtime)
     }
 
     /// Reads, compiles (or loads from cache) and checks one processor's plugin.
@@ -110,10 +134,19 @@ impl Runtime {
         config: &ProcessorConfig,
         path: &Path,
     ) -> Result<LoadedProcessor, RuntimeError> {
-        let bytes = std::fs::read(path).map_err(|error| RuntimeError::ReadPlugin {
+        let read_error = |error| RuntimeError::ReadPlugin {
             path: path.to_path_buf(),
             error,
-        })?;
+        };
+        let size = std::fs::metadata(path).map_err(read_error)?.len();
+        if size > self.max_plugin_size {
+            return Err(RuntimeError::TooLarge {
+                plugin: path.to_path_buf(),
+                size,
+                limit: self.max_plugin_size,
+            });
+        }
+        let bytes = std::fs::read(path).map_err(read_error)?;
         if let Some(found) = not_wasm(&bytes) {
             return Err(RuntimeError::NotWasm {
                 plugin: path.to_path_buf(),
@@ -122,18 +155,23 @@ impl Runtime {
         }
         let hash = cache::content_hash(&bytes);
         let component = {
-            let (engine, cache_dir, path, hash) = (
+            let (engine, cache_dir, plugin, hash) = (
                 self.engine.clone(),
                 self.cache_dir.clone(),
                 path.to_path_buf(),
                 hash.clone(),
             );
             // Compiling takes a CPU for up to a second: keep it off the async workers.
-            tokio::task::spawn_blocking(move || {
-                cache::load(&engine, &cache_dir, &path, &bytes, &hash)
-            })
-            .await
-            .map_err(|e| RuntimeError::Engine(format!("compiler task failed: {e}")))??
+            let compile = tokio::task::spawn_blocking(move || {
+                cache::load(&engine, &cache_dir, &plugin, &bytes, &hash)
+            });
+            tokio::time::timeout(COMPILE_TIMEOUT, compile)
+                .await
+                .map_err(|_| RuntimeError::Compile {
+                    plugin: path.to_path_buf(),
+                    reason: format!("compiling took longer than {COMPILE_TIMEOUT:?}"),
+                })?
+                .map_err(|e| RuntimeError::Engine(format!("compiler task failed: {e}")))??
         };
         LoadedProcessor::new(
             &self.engine,
