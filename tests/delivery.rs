@@ -385,3 +385,25 @@ fn a_consumer_claims_only_its_processors_and_orphans_are_dead_lettered() {
     );
     assert!(env.queue_bodies("default").is_empty());
 }
+
+#[test]
+fn wasmq_send_routes_by_recorded_topics_without_running_plugin_code() {
+    let env = Env::new(
+        "[[processor]]\nname = \"scripted\"\nplugin = \"scripted.wasm\"\n[processor.config]\nannounce_topics = \"yes\"\n",
+    );
+    let ran = "subscribed-topics ran";
+    // This plugin build was never loaded: the first send asks it, and records.
+    let first = env.run(&["send", "test.scripted", "one"]);
+    first.assert_success();
+    assert!(first.stderr.contains(ran), "{}", first.stderr);
+    // From then on no plugin code runs for a send (a hostile plugin cannot slow it).
+    let second = env.run(&["send", "test.scripted", "two"]);
+    second.assert_success();
+    assert!(!second.stderr.contains(ran), "{}", second.stderr);
+    assert_eq!(
+        second.stdout.lines().count(),
+        1,
+        "routed to the plugin's topic"
+    );
+    assert_eq!(env.queue_bodies("default"), ["one", "two"]);
+}

@@ -15,6 +15,8 @@
 //! - `x-send-header: NAME=VALUE` puts that header on the echo;
 //! - `x-answer: ack|reject|requeue` picks the returned status (default `ack`);
 //! - `x-trap: yes` panics after sending (so the send must be discarded);
+//! - with the config key `announce_topics` set, `subscribed-topics` says on stderr
+//!   that it ran;
 //! - the echo's `instance_calls` counts the calls this instance has served, which
 //!   shows whether the host gave the message a fresh instance or a reused one.
 
@@ -78,6 +80,10 @@ fn print_to_stderr(mut bytes: usize) {
 
 impl Guest for Scripted {
     fn subscribed_topics() -> Vec<String> {
+        // Lets a test see whether the host ran this code.
+        if config::get("announce_topics").is_some() {
+            eprintln!("scripted: subscribed-topics ran");
+        }
         vec!["test.scripted".to_string()]
     }
 

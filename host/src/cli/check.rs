@@ -19,6 +19,13 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
     };
     let runtime = Runtime::for_config(&config)?;
     let mut problems = Vec::new();
+    let transport = match open_transport(&config).await {
+        Ok(transport) => Some(transport),
+        Err(e) => {
+            problems.push(format!("{e:#}"));
+            None
+        }
+    };
     let mut topics = 0;
     for p in &config.processors {
         match runtime.load(p, &config.plugin_path(p)).await {
@@ -28,6 +35,18 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
                         problems.push(RuntimeError::from(taken).to_string());
                     }
                     topics += loaded.topics.len();
+                    // What the plugin declared, for `wasmq send` to route by.
+                    if let Some(transport) = &transport
+                        && p.topics.is_none()
+                        && let Err(e) = transport
+                            .record_topics(&p.name, &loaded.hash, &loaded.topics)
+                            .await
+                    {
+                        problems.push(format!(
+                            "recording the topics of processor {:?}: {e}",
+                            p.name
+                        ));
+                    }
                     println!(
                         "ok: processor {:?} ({}) handles {}",
                         p.name,
@@ -40,9 +59,6 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
             },
             Err(e) => problems.push(e.to_string()),
         }
-    }
-    if let Err(e) = open_transport(&config).await {
-        problems.push(format!("{e:#}"));
     }
     if problems.is_empty() {
         println!(

@@ -106,6 +106,9 @@ impl App {
             }
         }
         let transport = open_transport(&config).await?;
+        if let Err(e) = registry.record_topics(transport.as_ref()).await {
+            tracing::warn!(error = %e, "cannot record the plugins' topics; `wasmq send` will load the plugins to ask them");
+        }
         Ok(App {
             config,
             _runtime: runtime,

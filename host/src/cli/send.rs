@@ -7,9 +7,15 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::Args;
 
-use crate::cli::App;
+use crate::cli::open_transport;
+use crate::config::Config;
 use crate::config::parse_duration;
 use crate::message::{Priority, SendOptions};
+use crate::router::{Route, Router};
+use crate::runtime::Runtime;
+use crate::runtime::cache::content_hash;
+use crate::runtime::registry::claimed_elsewhere;
+use crate::transport::Transport;
 
 #[derive(Debug, Args)]
 pub struct SendArgs {
@@ -59,13 +65,15 @@ pub async fn run(config: &Path, args: SendArgs) -> anyhow::Result<ExitCode> {
     if args.topic.trim().is_empty() {
         bail!("the topic is empty: name the topic to send to (`wasmq topics` lists them)");
     }
-    let app = App::load(config).await?;
+    let config = Config::load(config)?;
+    let transport = open_transport(&config).await?;
+    let router = router(&config, transport.as_ref()).await?;
     let options = SendOptions {
         priority: args.priority,
         delay: args.delay.unwrap_or_default(),
         headers: args.headers,
     };
-    let envelopes = app.registry.router.route(&args.topic, &body, &options)?;
+    let envelopes = router.route(&args.topic, &body, &options)?;
     if envelopes.is_empty() {
         eprintln!(
             "no processor subscribes to {:?}; dropped (on_unroutable = \"drop\")",
@@ -73,8 +81,50 @@ pub async fn run(config: &Path, args: SendArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    for id in app.transport.send(envelopes).await? {
+    for id in transport.send(envelopes).await? {
         println!("{id}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The routes, without running plugin code where it can: a processor's configured
+/// topics, or the topics its plugin build declared when a consumer or `wasmq check`
+/// last loaded it. Only a build never loaded before is loaded here, to ask it.
+async fn router(config: &Config, transport: &dyn Transport) -> anyhow::Result<Router> {
+    let mut router = Router::new(config.producer.on_unroutable);
+    let mut runtime = None;
+    for p in &config.processors {
+        let topics = match &p.topics {
+            Some(topics) => topics.clone(),
+            None => {
+                let path = config.plugin_path(p);
+                let bytes =
+                    std::fs::read(&path).with_context(|| format!("reading plugin {path:?}"))?;
+                let hash = content_hash(&bytes);
+                match transport.recorded_topics(&p.name, &hash).await? {
+                    Some(topics) => topics,
+                    None => {
+                        tracing::debug!(processor = %p.name,
+                            "no consumer or check has loaded this plugin build yet: loading it to ask its topics");
+                        let runtime = match &mut runtime {
+                            Some(runtime) => runtime,
+                            None => runtime.insert(Runtime::for_config(config)?),
+                        };
+                        let loaded = runtime.load(p, &path).await?;
+                        transport
+                            .record_topics(&p.name, &hash, &loaded.topics)
+                            .await?;
+                        loaded.topics.clone()
+                    }
+                }
+            }
+        };
+        let taken = claimed_elsewhere(config, p, &topics);
+        for topic in &topics {
+            if !taken.iter().any(|t| &t.topic == topic) {
+                router.subscribe(topic, Route::to(p));
+            }
+        }
+    }
+    Ok(router)
 }

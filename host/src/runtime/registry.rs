@@ -12,6 +12,7 @@ use crate::config::{Config, ProcessorConfig};
 use crate::router::{Route, Router};
 use crate::runtime::processor::LoadedProcessor;
 use crate::runtime::{Runtime, RuntimeError};
+use crate::transport::{Transport, TransportError};
 
 pub enum Slot {
     Ready(Arc<LoadedProcessor>),
@@ -110,5 +111,18 @@ impl Registry {
             router: Arc::new(router),
         };
         (registry, errors)
+    }
+
+    /// Records the topics each loaded plugin declared for itself, by plugin build, so
+    /// that `wasmq send` can route without running plugin code.
+    pub async fn record_topics(&self, transport: &dyn Transport) -> Result<(), TransportError> {
+        for (name, slot) in &self.processors {
+            if let Slot::Ready(p) = slot
+                && p.config.topics.is_none()
+            {
+                transport.record_topics(name, &p.hash, &p.topics).await?;
+            }
+        }
+        Ok(())
     }
 }

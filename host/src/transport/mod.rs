@@ -242,6 +242,21 @@ pub trait Transport: Send + Sync {
 
     /// Deletes every dead-lettered message; returns how many.
     async fn purge_dead_letters(&self) -> Result<u64, TransportError>;
+
+    /// Records the topics a plugin build (by file hash) declared for a processor.
+    async fn record_topics(
+        &self,
+        processor: &str,
+        plugin_hash: &str,
+        topics: &[String],
+    ) -> Result<(), TransportError>;
+
+    /// The topics recorded for this processor and plugin build, if any.
+    async fn recorded_topics(
+        &self,
+        processor: &str,
+        plugin_hash: &str,
+    ) -> Result<Option<Vec<String>>, TransportError>;
 }
 
 /// Opens the transport a DSN names.

@@ -245,4 +245,39 @@ impl Transport for SqliteTransport {
             .map(|n| n as u64)
             .map_err(query_error("purging dead letters"))
     }
+
+    async fn record_topics(
+        &self,
+        processor: &str,
+        plugin_hash: &str,
+        topics: &[String],
+    ) -> Result<(), TransportError> {
+        let topics = serde_json::to_string(topics).unwrap_or_else(|_| "[]".into());
+        self.conn()
+            .execute(
+                "INSERT OR REPLACE INTO wasmq_declared_topics (processor, plugin_hash, topics, recorded_at)
+                 VALUES (?, ?, ?, ?)",
+                params![processor, plugin_hash, topics, now_ms()],
+            )
+            .map(drop)
+            .map_err(query_error("recording a plugin's topics"))
+    }
+
+    async fn recorded_topics(
+        &self,
+        processor: &str,
+        plugin_hash: &str,
+    ) -> Result<Option<Vec<String>>, TransportError> {
+        let text: Option<String> = self
+            .conn()
+            .query_row(
+                "SELECT topics FROM wasmq_declared_topics WHERE processor = ? AND plugin_hash = ?",
+                params![processor, plugin_hash],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(query_error("reading a plugin's recorded topics"))?;
+        // A record that does not parse is as good as none: the plugin is asked again.
+        Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
+    }
 }

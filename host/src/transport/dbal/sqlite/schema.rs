@@ -146,6 +146,16 @@ pub(super) const MIGRATIONS: &[&str] = &[
         seen_at   INTEGER NOT NULL,
         PRIMARY KEY (queue, processor)
     );",
+    // 3: the topics each plugin build declared (subscribed-topics), recorded when a
+    // consumer or `wasmq check` loaded it, so `wasmq send` routes without running
+    // plugin code. Keyed by the plugin file's hash: a new build is asked again.
+    "CREATE TABLE wasmq_declared_topics (
+        processor   TEXT    NOT NULL,
+        plugin_hash TEXT    NOT NULL,
+        topics      TEXT    NOT NULL,
+        recorded_at INTEGER NOT NULL,
+        PRIMARY KEY (processor, plugin_hash)
+    );",
 ];
 
 /// Brings the schema up to date.
