@@ -406,4 +406,13 @@ fn wasmq_send_routes_by_recorded_topics_without_running_plugin_code() {
         "routed to the plugin's topic"
     );
     assert_eq!(env.queue_bodies("default"), ["one", "two"]);
+
+    // A plugin that cannot be loaded does not stop sends to the others' topics.
+    let broken = Env::new(&format!(
+        "[[processor]]\nname = \"broken\"\nplugin = \"wrong-world.wasm\"\n\n{}",
+        scripted_with_sink("")
+    ));
+    let out = broken.run(&["send", "test.scripted", "x"]);
+    out.assert_success();
+    assert!(out.stderr.contains("wrong-world.wasm"), "{}", out.stderr);
 }

@@ -110,11 +110,19 @@ async fn router(config: &Config, transport: &dyn Transport) -> anyhow::Result<Ro
                             Some(runtime) => runtime,
                             None => runtime.insert(Runtime::for_config(config)?),
                         };
-                        let loaded = runtime.load(p, &path).await?;
-                        transport
-                            .record_topics(&p.name, &hash, &loaded.topics)
-                            .await?;
-                        loaded.topics.clone()
+                        match runtime.load(p, &path).await {
+                            Ok(loaded) => {
+                                transport
+                                    .record_topics(&p.name, &hash, &loaded.topics)
+                                    .await?;
+                                loaded.topics.clone()
+                            }
+                            // Its topics are unknown: other topics still route.
+                            Err(e) => {
+                                tracing::error!(error = %e, "plugin cannot be loaded; its topics do not route (`wasmq check` lists every problem)");
+                                Vec::new()
+                            }
+                        }
                     }
                 }
             }
