@@ -188,3 +188,148 @@ fn producer_and_plugin_text_reaches_logs_and_terminals_escaped() {
     raw.assert_success();
     assert_eq!(raw.stdout, "body\x1b[31m\nsecond line");
 }
+
+/// A processor component written by hand, so a test can give it a shape no Rust
+/// guest has: `extra` is spliced in at component level (more core modules and
+/// instances), its start function spins `start_spins` rounds and `process` spins
+/// `process_spins` rounds before answering ACK. Its `subscribed-topics` declares
+/// nothing, so the config names its topics.
+fn shaped_processor(extra: &str, start_spins: u64, process_spins: u64) -> Vec<u8> {
+    let text = format!(
+        r#"(component
+  (core module $main
+    (memory (export "memory") 1)
+    (data (i32.const 8) "\00\00\00\00\00\00\00\00")
+    (func $spin (param $n i64)
+      (block $done (loop $again
+        (br_if $done (i64.eqz (local.get $n)))
+        (local.set $n (i64.sub (local.get $n) (i64.const 1)))
+        (br $again))))
+    (func $start (call $spin (i64.const {start_spins})))
+    (start $start)
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32) (i32.const 1024))
+    (func (export "subscribed-topics") (result i32) (i32.const 8))
+    (func (export "process")
+      (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i64) (result i32)
+      (call $spin (i64.const {process_spins}))
+      (i32.const 0)))
+  (core instance $main (instantiate $main))
+  {extra}
+  (type $priority' (enum "very-low" "low" "normal" "high" "very-high"))
+  (type $status' (enum "ack" "reject" "requeue"))
+  (export $priority "priority" (type $priority'))
+  (export $status "status" (type $status'))
+  (type $message' (record (field "id" string) (field "topic" string)
+    (field "body" (list u8)) (field "headers" (list (tuple string string)))
+    (field "priority" $priority) (field "redelivered" bool) (field "attempt" u32)
+    (field "published-at-ms" u64)))
+  (export $message "message" (type $message'))
+  (func $topics (result (list string))
+    (canon lift (core func $main "subscribed-topics")
+      (memory (core memory $main "memory")) (realloc (core func $main "realloc"))))
+  (func $process (param "msg" $message) (result $status)
+    (canon lift (core func $main "process")
+      (memory (core memory $main "memory")) (realloc (core func $main "realloc"))))
+  (instance $handler
+    (export "message" (type $message))
+    (export "status" (type $status))
+    (export "subscribed-topics" (func $topics))
+    (export "process" (func $process)))
+  (export "wasmq:plugin/handler@0.1.0" (instance $handler)))"#
+    );
+    wat::parse_str(&text).unwrap_or_else(|e| panic!("the fixture does not parse: {e}"))
+}
+
+/// `count` core instances of a module with one memory of `pages` 64 KiB pages.
+fn memories(count: usize, pages: u32) -> String {
+    format!("(core module $mem (memory {pages}))")
+        + &"(core instance (instantiate $mem))".repeat(count)
+}
+
+/// `env_with_hostile` for a [`shaped_processor`] written into the test's folder.
+fn env_with_shaped(wasm: &[u8], extra: &str) -> Env {
+    let env = env_with_hostile("SHAPED", extra);
+    let plugin = env.path().join("shaped.wasm");
+    std::fs::write(&plugin, wasm).expect("writing the fixture");
+    let config_path = env.path().join("wasmq.toml");
+    let config = std::fs::read_to_string(&config_path).expect("reading wasmq.toml");
+    let config = config.replace("\"SHAPED\"", &format!("{plugin:?}"));
+    std::fs::write(&config_path, config).expect("writing wasmq.toml");
+    env
+}
+
+/// A plugin refused at load: its message waits, unclaimed; the good one is processed;
+/// `check` names the plugin and `needle`.
+fn refused_at_load(env: &Env, needle: &str) {
+    let (_, out) = hostile_then_good(env, ["--time-limit", "2s"]);
+    assert!(
+        out.stderr
+            .contains("needs more than one plugin instance may hold")
+            && out.stderr.contains(needle),
+        "{}",
+        out.stderr
+    );
+    assert!(env.dead_letters().is_empty(), "{}", out.stderr);
+    assert_eq!(env.queue_bodies("default"), ["bad"], "{}", out.stderr);
+    let check = env.run(&["check"]);
+    check.assert_failure();
+    assert!(
+        check.stderr.contains("shaped.wasm") && check.stderr.contains(needle),
+        "{}",
+        check.stderr
+    );
+}
+
+#[test]
+fn a_component_with_many_memories_is_refused_and_the_others_keep_working() {
+    let env = env_with_shaped(&shaped_processor(&memories(12, 1), 0, 0), "");
+    refused_at_load(&env, "8 linear memories");
+}
+
+#[test]
+fn a_component_with_many_core_instances_is_refused_and_the_others_keep_working() {
+    let empty =
+        "(core module $empty)".to_string() + &"(core instance (instantiate $empty))".repeat(200);
+    let env = env_with_shaped(&shaped_processor(&empty, 0, 0), "");
+    refused_at_load(&env, "64 core instances");
+}
+
+#[test]
+fn memory_limit_caps_the_sum_of_a_components_memories() {
+    // Three memories of 3 MiB: each fits 8 MiB, together they do not.
+    let env = env_with_shaped(
+        &shaped_processor(&memories(3, 48), 0, 0),
+        "memory_limit = \"8MiB\"",
+    );
+    let (reason, _) = survive(&env);
+    assert!(reason.starts_with("memory:"), "{reason}");
+    assert!(reason.contains(&(8u64 << 20).to_string()), "{reason}");
+}
+
+#[test]
+fn a_slow_start_function_and_process_share_one_deadline() {
+    // Calibrate: spins that take about 800 ms in a start function, under a long
+    // timeout, measured on one message.
+    let mut spins: u64 = 20_000_000;
+    let per_ms = loop {
+        let env = env_with_shaped(&shaped_processor("", spins, 0), "timeout = \"60s\"");
+        env.send("hostile", "calibrate", &[], &[]);
+        let out = env.consume("default", 1, &[]);
+        out.assert_success();
+        let took = common::duration_ms(out.log_line("processed processor=hostile"));
+        if took >= 200.0 {
+            break spins as f64 / took;
+        }
+        spins *= 4;
+    };
+    let spins = (per_ms * 800.0) as u64;
+    // 800 ms starting, then 800 ms processing: each fits a 1 s timeout on its own.
+    let env = env_with_shaped(&shaped_processor("", spins, spins), "timeout = \"1s\"");
+    let (reason, out) = survive(&env);
+    assert!(reason.starts_with("timeout:"), "{reason}");
+    let took = common::duration_ms(out.log_line("processed processor=hostile"));
+    assert!(
+        (1000.0..1800.0).contains(&took),
+        "one 1 s deadline for start and process ended after {took} ms"
+    );
+}

@@ -65,9 +65,15 @@ pub fn load(
         Err(why) => tracing::warn!(cache = ?cached, reason = %why,
             "not trusting this compiled plugin: recompiling (the cache folder must be this user's, mode 700, its files 600)"),
     }
-    let component = Component::new(engine, bytes).map_err(|e| RuntimeError::Compile {
-        plugin: plugin.to_path_buf(),
-        reason: format!("{e:#}"),
+    let component = Component::new(engine, bytes).map_err(|e| {
+        let plugin = plugin.to_path_buf();
+        let reason = format!("{e:#}");
+        // wasmtime checks the pool's per-component limits as it compiles.
+        if reason.contains("in the pooling allocator") {
+            RuntimeError::OverInstanceLimits { plugin, reason }
+        } else {
+            RuntimeError::Compile { plugin, reason }
+        }
     })?;
     if let Err(e) = store(&component, cache_dir, &cached) {
         tracing::warn!(cache = ?cached, error = %e, "cannot cache the compiled plugin; it will be compiled again next start");

@@ -13,9 +13,23 @@ use crate::runtime::RuntimeError;
 /// other tasks on its thread.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
-/// Instance slots in the pool: bounds plugins alive at once (messages in flight, reused
-/// instances kept warm, and `subscribed-topics` calls at start-up).
+/// Instance slots in the pool, with 16 core instances each so Python plugins fit:
+/// bounds plugins alive at once (messages in flight, reused instances kept warm, and
+/// `subscribed-topics` calls at start-up).
 const POOL_SLOTS: u32 = 1000;
+
+/// What one plugin instance may hold, so one component cannot take every slot of the
+/// pool. Sized from real guests, with headroom (BENCHMARKS.md, "Plugin shapes"): a
+/// Rust guest (wit-bindgen) has 1 memory, 2 tables and 3 core instances,
+/// componentize-py's Python 1, 2 and 14, ComponentizeJS 1, 2 and 4, and a
+/// composition of two components 2 memories.
+pub const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 64;
+
+/// See [`MAX_CORE_INSTANCES_PER_COMPONENT`].
+pub const MAX_MEMORIES_PER_COMPONENT: u32 = 8;
+
+/// See [`MAX_CORE_INSTANCES_PER_COMPONENT`].
+pub const MAX_TABLES_PER_COMPONENT: u32 = 16;
 
 /// Bytes of each linear memory kept mapped between instances and reset in place
 /// (with PAGEMAP_SCAN, only the pages really touched): a small guest's stack and data
@@ -30,10 +44,13 @@ const TABLE_KEEP_RESIDENT: usize = 64 << 10;
 pub fn build(max_memory: u64) -> Result<Engine, RuntimeError> {
     let mut pool = PoolingAllocationConfig::new();
     pool.total_component_instances(POOL_SLOTS)
-        .total_core_instances(POOL_SLOTS * 4)
+        .total_core_instances(POOL_SLOTS * 16)
         .total_memories(POOL_SLOTS * 2)
         .total_tables(POOL_SLOTS * 4)
         .total_stacks(POOL_SLOTS)
+        .max_core_instances_per_component(MAX_CORE_INSTANCES_PER_COMPONENT)
+        .max_memories_per_component(MAX_MEMORIES_PER_COMPONENT)
+        .max_tables_per_component(MAX_TABLES_PER_COMPONENT)
         .max_memory_size(usize::try_from(max_memory).unwrap_or(usize::MAX))
         .linear_memory_keep_resident(MEMORY_KEEP_RESIDENT)
         .table_keep_resident(TABLE_KEEP_RESIDENT)

@@ -48,6 +48,13 @@ pub enum RuntimeError {
     )]
     Compile { plugin: PathBuf, reason: String },
     #[error(
+        "plugin {plugin:?} needs more than one plugin instance may hold: {reason}. A plugin may have at most {instances} core instances, {memories} linear memories and {tables} tables (README: Security model)",
+        instances = engine::MAX_CORE_INSTANCES_PER_COMPONENT,
+        memories = engine::MAX_MEMORIES_PER_COMPONENT,
+        tables = engine::MAX_TABLES_PER_COMPONENT
+    )]
+    OverInstanceLimits { plugin: PathBuf, reason: String },
+    #[error(
         "plugin {plugin:?} does not implement world wasmq:plugin/processor@0.1.0: {reason}; build it against wit/plugin.wit"
     )]
     WrongWorld { plugin: PathBuf, reason: String },

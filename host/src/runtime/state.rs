@@ -11,6 +11,9 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use crate::message::Envelope;
 use crate::router::Router;
 use crate::runtime::call_clock::CallClock;
+use crate::runtime::engine::{
+    MAX_CORE_INSTANCES_PER_COMPONENT, MAX_MEMORIES_PER_COMPONENT, MAX_TABLES_PER_COMPONENT,
+};
 use crate::runtime::output::PluginOutput;
 
 /// Tables larger than this are refused: no honest plugin needs more entries.
@@ -29,24 +32,42 @@ pub struct PluginInfo {
     pub send_topics: Option<Vec<String>>,
 }
 
-/// Enforces `memory_limit` and remembers that it did, so the failure is reported as
-/// "memory" rather than as whatever trap the guest's allocator turns it into.
+/// Enforces `memory_limit` on the sum of all the memories of a store, not on each one,
+/// so a component made of many core instances cannot multiply its share; and remembers
+/// that it did, so the failure is reported as "memory" rather than as whatever trap the
+/// guest's allocator turns it into.
 pub struct MemoryLimiter {
     pub limit: u64,
     pub exceeded: bool,
+    /// Bytes of linear memory the store holds: every memory's growth, from zero.
+    used: u64,
+}
+
+impl MemoryLimiter {
+    pub fn new(limit: u64) -> MemoryLimiter {
+        MemoryLimiter {
+            limit,
+            exceeded: false,
+            used: 0,
+        }
+    }
 }
 
 impl ResourceLimiter for MemoryLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _max: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired as u64 > self.limit {
+        // A new memory grows from 0 to its initial size, so `used` counts every memory.
+        let growth = desired.saturating_sub(current) as u64;
+        let used = self.used.saturating_add(growth);
+        if used > self.limit {
             self.exceeded = true;
             return Ok(false);
         }
+        self.used = used;
         Ok(true)
     }
 
@@ -57,6 +78,18 @@ impl ResourceLimiter for MemoryLimiter {
         _max: Option<usize>,
     ) -> wasmtime::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+
+    fn instances(&self) -> usize {
+        MAX_CORE_INSTANCES_PER_COMPONENT as usize
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES_PER_COMPONENT as usize
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES_PER_COMPONENT as usize
     }
 }
 
@@ -95,10 +128,7 @@ impl PluginState {
     ) -> PluginState {
         PluginState {
             plugin,
-            limiter: MemoryLimiter {
-                limit: memory_limit,
-                exceeded: false,
-            },
+            limiter: MemoryLimiter::new(memory_limit),
             call: CallState {
                 router,
                 sends: Vec::new(),
