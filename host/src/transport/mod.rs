@@ -29,6 +29,39 @@ use crate::message::{Envelope, Message, Priority};
 pub enum Dsn {
     /// An SQLite file; relative paths are resolved against the config file's folder.
     Sqlite(PathBuf),
+    /// A PostgreSQL server (`postgres://user:password@host:port/database`).
+    Postgres(ServerUrl),
+    /// A MariaDB (10.6 or later) or MySQL (8 or later) server
+    /// (`mysql://user:password@host:port/database`).
+    Mysql(ServerUrl),
+}
+
+/// A database server's URL. Its password never reaches a log line, an error or a
+/// terminal: `Display` and `Debug` show it as `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServerUrl(url::Url);
+
+impl ServerUrl {
+    /// The URL with its password, for connecting only.
+    pub fn secret(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
+impl fmt::Display for ServerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut shown = self.0.clone();
+        if shown.password().is_some() {
+            let _ = shown.set_password(Some("***"));
+        }
+        f.write_str(shown.as_str())
+    }
+}
+
+impl fmt::Debug for ServerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.to_string())
+    }
 }
 
 impl Dsn {
@@ -44,13 +77,92 @@ impl Dsn {
         }
         let scheme = dsn.split("://").next().unwrap_or(dsn);
         match scheme {
-            "postgres" | "postgresql" | "mysql" | "mariadb" | "amqp" | "amqps" => Err(format!(
-                "{dsn:?}: the {scheme} transport is not available in this version yet; use sqlite://var/wasmq.sqlite"
+            "postgres" | "postgresql" => {
+                server_url(dsn, "postgres://user@127.0.0.1:5432/wasmq").map(Dsn::Postgres)
+            }
+            "mysql" | "mariadb" => {
+                // sqlx speaks to MariaDB through the mysql scheme.
+                let dsn = dsn.replacen("mariadb://", "mysql://", 1);
+                server_url(&dsn, "mysql://user@127.0.0.1:3306/wasmq").map(Dsn::Mysql)
+            }
+            "amqp" | "amqps" => Err(format!(
+                "{scheme}://…: the RabbitMQ transport is not available in this version yet; use sqlite://, postgres:// or mysql://"
             )),
             _ => Err(format!(
-                "{dsn:?} is not a DSN wasmq understands: use sqlite://PATH, e.g. sqlite://var/wasmq.sqlite"
+                "{:?} is not a DSN wasmq understands: use sqlite://PATH (e.g. sqlite://var/wasmq.sqlite), postgres://USER@HOST/DATABASE or mysql://USER@HOST/DATABASE",
+                redact(dsn)
             )),
         }
+    }
+}
+
+/// A server URL that names a database; errors show it without its password.
+fn server_url(dsn: &str, example: &str) -> Result<ServerUrl, String> {
+    let url = url::Url::parse(dsn).map_err(|e| {
+        format!(
+            "{:?} is not a valid URL ({e}): write it like {example}",
+            redact(dsn)
+        )
+    })?;
+    let url = ServerUrl(url);
+    if url.0.host_str().unwrap_or_default().is_empty() {
+        return Err(format!("{url:?} names no host: write it like {example}"));
+    }
+    if url.0.path().trim_matches('/').is_empty() {
+        return Err(format!(
+            "{url:?} names no database: write it like {example}"
+        ));
+    }
+    Ok(url)
+}
+
+/// `text` with anything between `://user:` and `@` replaced, for DSNs too broken to
+/// parse as URLs.
+fn redact(text: &str) -> String {
+    let Some((scheme, rest)) = text.split_once("://") else {
+        return text.to_string();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => text.to_string(),
+        },
+        None => text.to_string(),
+    }
+}
+
+impl fmt::Display for Dsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dsn::Sqlite(path) => write!(f, "sqlite://{}", path.display()),
+            Dsn::Postgres(url) | Dsn::Mysql(url) => url.fmt(f),
+        }
+    }
+}
+
+/// A database or broker error, whatever the backend.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+/// What a transport failure means for the caller; retrying is decided by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Another session holds a lock (busy, lock wait timeout, deadlock, serialization
+    /// failure): the same statement may succeed in a moment.
+    Busy,
+    /// The connection broke or could not be made (the server restarted, the network
+    /// dropped): reconnect and try again.
+    ConnectionLost,
+    /// The store's schema is not one this wasmq can use.
+    Schema,
+    /// Anything else: a mistake that will repeat (bad config, a constraint, a bug).
+    Query,
+}
+
+impl ErrorKind {
+    /// True for failures that pass by themselves.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, ErrorKind::Busy | ErrorKind::ConnectionLost)
     }
 }
 
@@ -60,16 +172,18 @@ pub enum TransportError {
     // The causes are printed in the text and not chained as `source`, so `{:#}` says
     // each once.
     #[error(
-        "cannot open the message store {what}: {cause}; check the path in [transport] dsn and its folder's permissions"
+        "cannot open the message store {what}: {cause}; check [transport] dsn, and that the store is reachable and writable"
     )]
     Open {
         what: String,
-        cause: rusqlite::Error,
+        kind: ErrorKind,
+        cause: Cause,
     },
     #[error("message store query failed while {doing}: {cause}")]
     Query {
         doing: &'static str,
-        cause: rusqlite::Error,
+        kind: ErrorKind,
+        cause: Cause,
     },
     #[error(
         "the message store schema is version {found}, newer than this wasmq knows ({known}): upgrade wasmq"
@@ -89,17 +203,19 @@ pub enum TransportError {
 }
 
 impl TransportError {
-    /// True for failures that may pass (the database is locked by another process for
-    /// longer than the busy timeout): the caller may try again; false for mistakes
-    /// that will repeat.
-    pub fn is_retryable(&self) -> bool {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            TransportError::Query { cause, .. } | TransportError::Open { cause, .. } => matches!(
-                cause.sqlite_error_code(),
-                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-            ),
-            _ => false,
+            TransportError::Open { kind, .. } | TransportError::Query { kind, .. } => *kind,
+            TransportError::SchemaTooNew { .. } => ErrorKind::Schema,
+            _ => ErrorKind::Query,
         }
+    }
+
+    /// True for failures that may pass (another process holds the lock, the
+    /// connection dropped): the caller may try again; false for mistakes that will
+    /// repeat.
+    pub fn is_retryable(&self) -> bool {
+        self.kind().is_retryable()
     }
 }
 
@@ -273,12 +389,30 @@ pub async fn open(
             };
             Ok(Box::new(dbal::sqlite::SqliteTransport::open(&path).await?))
         }
+        Dsn::Postgres(url) | Dsn::Mysql(url) => Err(TransportError::Open {
+            what: url.to_string(),
+            kind: ErrorKind::Query,
+            cause: "this transport is not built yet".into(),
+        }),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_never_show() {
+        let dsn = Dsn::parse("postgres://app:hunter2@127.0.0.1:5432/q").unwrap();
+        for shown in [dsn.to_string(), format!("{dsn:?}")] {
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("app:***@127.0.0.1"), "{shown}");
+        }
+        let broken = Dsn::parse("postgres://app:hunter2@[::1/q").unwrap_err();
+        assert!(!broken.contains("hunter2"), "{broken}");
+        let unknown = Dsn::parse("oracle://app:hunter2@db/q").unwrap_err();
+        assert!(!unknown.contains("hunter2"), "{unknown}");
+    }
 
     #[test]
     fn dsn_parsing_names_the_problem() {
@@ -295,8 +429,21 @@ mod tests {
                 .unwrap_err()
                 .contains("names no file")
         );
+        assert!(matches!(
+            Dsn::parse("postgres://localhost/x").unwrap(),
+            Dsn::Postgres(_)
+        ));
+        assert!(matches!(
+            Dsn::parse("mariadb://root@127.0.0.1/test").unwrap(),
+            Dsn::Mysql(_)
+        ));
         assert!(
-            Dsn::parse("postgres://localhost/x")
+            Dsn::parse("postgres://localhost")
+                .unwrap_err()
+                .contains("names no database")
+        );
+        assert!(
+            Dsn::parse("amqp://localhost")
                 .unwrap_err()
                 .contains("not available")
         );

@@ -24,9 +24,13 @@ pub fn decode_headers(text: &str) -> Vec<(String, String)> {
     })
 }
 
-/// Wraps a database error with what we were doing.
+/// Wraps an SQLite error with what we were doing.
 pub(crate) fn query_error(doing: &'static str) -> impl FnOnce(rusqlite::Error) -> TransportError {
-    move |cause| TransportError::Query { doing, cause }
+    move |cause| TransportError::Query {
+        doing,
+        kind: sqlite::error_kind(&cause),
+        cause: Box::new(cause),
+    }
 }
 
 #[cfg(test)]

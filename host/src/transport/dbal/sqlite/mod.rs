@@ -24,7 +24,9 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use crate::message::{Envelope, Priority, now_ms};
 use crate::transport::dbal::{decode_headers, encode_headers, query_error};
-use crate::transport::{DeadLetter, Receiver, ReceiverOptions, Transport, TransportError};
+use crate::transport::{
+    DeadLetter, ErrorKind, Receiver, ReceiverOptions, Transport, TransportError,
+};
 
 /// How long a write waits for another process's write lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,7 +57,8 @@ impl SqliteTransport {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| TransportError::Open {
                 what: format!("{path:?}"),
-                cause: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+                kind: ErrorKind::Query,
+                cause: Box::new(e),
             })?;
         }
         let mut conn = connect(path, Sync::Full)?;
@@ -75,10 +78,21 @@ impl SqliteTransport {
     }
 }
 
+/// Busy and locked are SQLite's lock waits; every other error repeats.
+pub(crate) fn error_kind(error: &rusqlite::Error) -> ErrorKind {
+    match error.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+            ErrorKind::Busy
+        }
+        _ => ErrorKind::Query,
+    }
+}
+
 pub(crate) fn connect(path: &Path, sync: Sync) -> Result<Connection, TransportError> {
-    let open_error = |cause| TransportError::Open {
+    let open_error = |cause: rusqlite::Error| TransportError::Open {
         what: format!("{path:?}"),
-        cause,
+        kind: error_kind(&cause),
+        cause: Box::new(cause),
     };
     let conn = Connection::open(path).map_err(open_error)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(open_error)?;
