@@ -195,7 +195,16 @@ fn producer_and_plugin_text_reaches_logs_and_terminals_escaped() {
 /// `process_spins` rounds before answering ACK. Its `subscribed-topics` declares
 /// nothing, so the config names its topics.
 fn shaped_processor(extra: &str, start_spins: u64, process_spins: u64) -> Vec<u8> {
-    let text = format!(
+    let text = shaped_text(extra, start_spins, process_spins);
+    wat::parse_str(&text).unwrap_or_else(|e| panic!("the fixture does not parse: {e}"))
+}
+
+/// How [`shaped_processor`] answers `subscribed-topics`: an empty list.
+const TOPICS_ANSWER: &str = r#"(func (export "subscribed-topics") (result i32) (i32.const 8))"#;
+
+/// The text of [`shaped_processor`].
+fn shaped_text(extra: &str, start_spins: u64, process_spins: u64) -> String {
+    format!(
         r#"(component
   (core module $main
     (memory (export "memory") 1)
@@ -208,7 +217,7 @@ fn shaped_processor(extra: &str, start_spins: u64, process_spins: u64) -> Vec<u8
     (func $start (call $spin (i64.const {start_spins})))
     (start $start)
     (func (export "realloc") (param i32 i32 i32 i32) (result i32) (i32.const 1024))
-    (func (export "subscribed-topics") (result i32) (i32.const 8))
+    {TOPICS_ANSWER}
     (func (export "process")
       (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i64) (result i32)
       (call $spin (i64.const {process_spins}))
@@ -236,8 +245,7 @@ fn shaped_processor(extra: &str, start_spins: u64, process_spins: u64) -> Vec<u8
     (export "subscribed-topics" (func $topics))
     (export "process" (func $process)))
   (export "wasmq:plugin/handler@0.1.0" (instance $handler)))"#
-    );
-    wat::parse_str(&text).unwrap_or_else(|e| panic!("the fixture does not parse: {e}"))
+    )
 }
 
 /// `count` core instances of a module with one memory of `pages` 64 KiB pages.
@@ -249,13 +257,18 @@ fn memories(count: usize, pages: u32) -> String {
 /// `env_with_hostile` for a [`shaped_processor`] written into the test's folder.
 fn env_with_shaped(wasm: &[u8], extra: &str) -> Env {
     let env = env_with_hostile("SHAPED", extra);
+    place_shaped(&env, wasm);
+    env
+}
+
+/// Writes `wasm` into the test's folder as the plugin the config calls "SHAPED".
+fn place_shaped(env: &Env, wasm: &[u8]) {
     let plugin = env.path().join("shaped.wasm");
     std::fs::write(&plugin, wasm).expect("writing the fixture");
     let config_path = env.path().join("wasmq.toml");
     let config = std::fs::read_to_string(&config_path).expect("reading wasmq.toml");
     let config = config.replace("\"SHAPED\"", &format!("{plugin:?}"));
     std::fs::write(&config_path, config).expect("writing wasmq.toml");
-    env
 }
 
 /// A plugin refused at load: its message waits, unclaimed; the good one is processed;
@@ -332,4 +345,38 @@ fn a_slow_start_function_and_process_share_one_deadline() {
         (1000.0..1800.0).contains(&took),
         "one 1 s deadline for start and process ended after {took} ms"
     );
+}
+
+#[test]
+fn wasmq_send_waits_for_a_spinning_subscribed_topics_at_most_once_per_build() {
+    let spinning = shaped_text("", 0, 0).replace(
+        TOPICS_ANSWER,
+        r#"(func (export "subscribed-topics") (result i32) (loop $forever (br $forever)) (i32.const 8))"#,
+    );
+    let env = Env::new(&format!(
+        "[[processor]]\nname = \"spinner\"\nplugin = \"SHAPED\"\ntimeout = \"3s\"\n\n{}",
+        scripted_with_sink("")
+    ));
+    place_shaped(
+        &env,
+        &wat::parse_str(&spinning).expect("the fixture parses"),
+    );
+    // No consumer has loaded this build: the first send asks it, within its timeout.
+    let first = env.run(&["send", "test.scripted", "one"]);
+    first.assert_success();
+    assert!(
+        first.stderr.contains("spinner") && first.stderr.contains("timeout"),
+        "{}",
+        first.stderr
+    );
+    // The failure is recorded: later sends route without running its code.
+    let second = env.run(&["send", "test.scripted", "two"]);
+    second.assert_success();
+    assert!(!second.stderr.contains("timeout"), "{}", second.stderr);
+    assert!(
+        second.elapsed < std::time::Duration::from_secs(3),
+        "the second send waited {:?} for the spinning plugin",
+        second.elapsed
+    );
+    assert_eq!(env.queue_bodies("default"), ["one", "two"]);
 }

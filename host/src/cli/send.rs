@@ -117,9 +117,13 @@ async fn router(config: &Config, transport: &dyn Transport) -> anyhow::Result<Ro
                                     .await?;
                                 loaded.topics.clone()
                             }
-                            // Its topics are unknown: other topics still route.
+                            // Its topics are unknown: other topics still route. The
+                            // failure is recorded as no topics, so the next send does
+                            // not wait for this build again (a consumer or `check`
+                            // that loads it records its topics).
                             Err(e) => {
-                                tracing::error!(error = %e, "plugin cannot be loaded; its topics do not route (`wasmq check` lists every problem)");
+                                tracing::error!(error = %e, "plugin cannot be loaded; its topics do not route until a consumer or `wasmq check` loads it");
+                                transport.record_topics(&p.name, &hash, &[]).await?;
                                 Vec::new()
                             }
                         }
