@@ -159,6 +159,14 @@ fn query_bool(conn: &Connection, sql: &str, args: Vec<Value>) -> Result<bool, Tr
         .map_err(query_error("looking for messages to claim"))
 }
 
+/// The body as bytes: a BLOB, or the text a foreign SQL producer wrote instead.
+fn body_bytes(row: &rusqlite::Row<'_>) -> rusqlite::Result<Vec<u8>> {
+    match row.get_ref("body")? {
+        rusqlite::types::ValueRef::Text(text) => Ok(text.to_vec()),
+        other => other.as_blob().map(<[u8]>::to_vec).map_err(Into::into),
+    }
+}
+
 fn claim(
     conn: &Connection,
     sql: &str,
@@ -171,7 +179,7 @@ fn claim(
         let message = Message {
             id: row.get("id")?,
             topic: row.get("topic")?,
-            body: row.get("body")?,
+            body: body_bytes(row)?,
             headers: decode_headers(&row.get::<_, String>("headers")?),
             priority: Priority::from_level(row.get("priority")?),
             attempt: row.get::<_, i64>("attempt")?.clamp(1, i64::from(u32::MAX)) as u32,
