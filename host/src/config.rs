@@ -78,19 +78,32 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TransportConfig {
-    /// `sqlite://var/wasmq.sqlite` (relative to the config file) or `sqlite:///abs/path`.
+    /// `sqlite://var/wasmq.sqlite` (relative to the config file), `sqlite:///abs/path`,
+    /// `postgres://user:password@host:5432/database` or
+    /// `mysql://user:password@host:3306/database` (MariaDB too).
     #[serde(default = "default_dsn")]
     pub dsn: String,
+    /// PostgreSQL and MySQL: the start of every table's name, so two deployments can
+    /// share a database. Letters, digits and `_`, at most 32.
+    #[serde(default = "default_table_prefix")]
+    pub table_prefix: String,
 }
 
 impl Default for TransportConfig {
     fn default() -> Self {
-        TransportConfig { dsn: default_dsn() }
+        TransportConfig {
+            dsn: default_dsn(),
+            table_prefix: default_table_prefix(),
+        }
     }
 }
 
 fn default_dsn() -> String {
     "sqlite://var/wasmq.sqlite".into()
+}
+
+fn default_table_prefix() -> String {
+    "wasmq_".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -345,8 +358,26 @@ impl Config {
     /// Cross-checks that serde cannot: names, files, ranges. Reports every problem at once.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
-        if let Err(e) = crate::transport::Dsn::parse(&self.transport.dsn) {
-            problems.push(format!("[transport] dsn: {e}"));
+        match crate::transport::Dsn::parse(&self.transport.dsn) {
+            Err(e) => problems.push(format!("[transport] dsn: {e}")),
+            Ok(crate::transport::Dsn::Sqlite(_)) if self.transport.table_prefix != default_table_prefix() => {
+                problems.push(format!(
+                    "[transport] table_prefix = {:?} applies to PostgreSQL and MySQL only: an SQLite deployment has a file of its own; remove the key",
+                    self.transport.table_prefix
+                ))
+            }
+            Ok(_) => {}
+        }
+        let prefix = &self.transport.table_prefix;
+        if prefix.is_empty()
+            || prefix.len() > 32
+            || !prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            problems.push(format!(
+                "[transport] table_prefix = {prefix:?} must be 1 to 32 letters, digits or underscores, e.g. \"wasmq_\""
+            ));
         }
         if self.consumer.heartbeat_timeout < Duration::from_millis(300) {
             problems.push(format!(

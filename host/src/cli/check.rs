@@ -20,7 +20,13 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
     let runtime = Runtime::for_config(&config)?;
     let mut problems = Vec::new();
     let transport = match open_transport(&config).await {
-        Ok(transport) => Some(transport),
+        Ok(transport) => {
+            match transport.describe().await {
+                Ok(store) => println!("ok: message store: {store}"),
+                Err(e) => problems.push(format!("{e:#}")),
+            }
+            Some(transport)
+        }
         Err(e) => {
             problems.push(format!("{e:#}"));
             None

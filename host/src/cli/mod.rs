@@ -120,7 +120,7 @@ impl App {
 
 pub(crate) async fn open_transport(config: &Config) -> anyhow::Result<Box<dyn Transport>> {
     let dsn = Dsn::parse(&config.transport.dsn).map_err(anyhow::Error::msg)?;
-    transport::open(&dsn, &config.base_dir)
+    transport::open(&dsn, &config.base_dir, &config.transport.table_prefix)
         .await
-        .with_context(|| format!("opening [transport] dsn {:?}", config.transport.dsn))
+        .with_context(|| format!("opening [transport] dsn \"{dsn}\""))
 }

@@ -342,6 +342,10 @@ pub struct ReceiverOptions {
 /// A message store.
 #[async_trait]
 pub trait Transport: Send + Sync {
+    /// What the store is, for `wasmq check`: the backend, its version, where it is,
+    /// and the schema version.
+    async fn describe(&self) -> Result<String, TransportError>;
+
     /// Stores the envelopes durably, all or none, and returns their ids in order.
     async fn send(&self, envelopes: Vec<Envelope>) -> Result<Vec<String>, TransportError>;
 
@@ -379,7 +383,9 @@ pub trait Transport: Send + Sync {
 pub async fn open(
     dsn: &Dsn,
     base_dir: &std::path::Path,
+    table_prefix: &str,
 ) -> Result<Box<dyn Transport>, TransportError> {
+    use dbal::server::{ServerTransport, dialect::Dialect};
     match dsn {
         Dsn::Sqlite(path) => {
             let path = if path.is_absolute() {
@@ -389,11 +395,12 @@ pub async fn open(
             };
             Ok(Box::new(dbal::sqlite::SqliteTransport::open(&path).await?))
         }
-        Dsn::Postgres(url) | Dsn::Mysql(url) => Err(TransportError::Open {
-            what: url.to_string(),
-            kind: ErrorKind::Query,
-            cause: "this transport is not built yet".into(),
-        }),
+        Dsn::Postgres(url) => Ok(Box::new(
+            ServerTransport::open(url, Dialect::Postgres, table_prefix).await?,
+        )),
+        Dsn::Mysql(url) => Ok(Box::new(
+            ServerTransport::open(url, Dialect::Mysql, table_prefix).await?,
+        )),
     }
 }
 

@@ -5,9 +5,15 @@
 //! SQLite is the embedded default; PostgreSQL and MySQL will share the row layout and
 //! the header encoding here.
 
+pub mod server;
 pub mod sqlite;
 
 use crate::transport::TransportError;
+
+/// A new message id: a UUIDv7, which never repeats and sorts by creation time.
+pub(crate) fn new_message_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
 
 /// Headers are stored as a JSON array of `[name, value]` pairs: order and duplicates
 /// survive, and any SQL client can read them.

@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use crate::message::{Envelope, Priority, now_ms};
-use crate::transport::dbal::{decode_headers, encode_headers, query_error};
+use crate::transport::dbal::{decode_headers, encode_headers, new_message_id, query_error};
 use crate::transport::{
     DeadLetter, ErrorKind, Receiver, ReceiverOptions, Transport, TransportError,
 };
@@ -111,12 +111,6 @@ pub(crate) fn connect(path: &Path, sync: Sync) -> Result<Connection, TransportEr
     Ok(conn)
 }
 
-/// A new message id: a UUIDv7, which never repeats, sorts by creation time, and is the
-/// same kind of id on every transport.
-pub(crate) fn new_message_id() -> String {
-    uuid::Uuid::now_v7().to_string()
-}
-
 /// Inserts envelopes (those with a delay into `wasmq_delayed`, due `delay` after
 /// `now`) and returns their new message ids in the order given. Runs inside the
 /// caller's transaction.
@@ -179,6 +173,18 @@ fn dead_letter_from_row(row: &Row<'_>) -> rusqlite::Result<DeadLetter> {
 
 #[async_trait]
 impl Transport for SqliteTransport {
+    async fn describe(&self) -> Result<String, TransportError> {
+        let schema: i64 = self
+            .conn()
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .map_err(query_error("reading the schema version"))?;
+        Ok(format!(
+            "SQLite {} at {}, schema version {schema}",
+            rusqlite::version(),
+            self.path.display()
+        ))
+    }
+
     async fn send(&self, envelopes: Vec<Envelope>) -> Result<Vec<String>, TransportError> {
         let mut conn = self.conn();
         let tx = conn
