@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{Env, Output, Running};
+use common::{Backend, Env, Output, Running, backend::backends};
 
 /// The lease of most cases: short, so that leases run out within a case's seconds.
 const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -36,15 +36,32 @@ const CONCURRENCY: usize = 8;
 /// `max_attempts` when a processor does not set it (README, config reference).
 const DEFAULT_MAX_ATTEMPTS: usize = 5;
 
+/// Cases on a server hold this for reading; the restart case holds it for writing,
+/// so no other case's server goes away under it.
+static SERVERS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// The read side of [`SERVERS`], for a case on `backend`.
+fn sharing_server(backend: Backend) -> Option<std::sync::RwLockReadGuard<'static, ()>> {
+    (backend != Backend::Sqlite).then(|| SERVERS.read().unwrap_or_else(|p| p.into_inner()))
+}
+
 /// A store with the `ledger` processor on `chaos.in` (queue `default`) and its
 /// `entries` (noop, queue `ledger`), leases of `heartbeat`, and `extra` config.
 fn chaos_env(heartbeat: Duration, extra: &str) -> Env {
-    let env = Env::new(&format!(
-        "[consumer]\nheartbeat_timeout = \"{}ms\"\n\n\
+    chaos_env_on(Backend::Sqlite, heartbeat, extra)
+}
+
+/// [`chaos_env`] on `backend`.
+fn chaos_env_on(backend: Backend, heartbeat: Duration, extra: &str) -> Env {
+    let env = Env::on(
+        backend,
+        &format!(
+            "[consumer]\nheartbeat_timeout = \"{}ms\"\n\n\
          [[processor]]\nname = \"ledger\"\nplugin = \"ledger.wasm\"\ntopics = [\"chaos.in\"]\nqueue = \"default\"\n\n\
          [[processor]]\nname = \"entries\"\nplugin = \"noop.wasm\"\ntopics = [\"ledger.entry\"]\nqueue = \"ledger\"\n\n{extra}",
-        heartbeat.as_millis()
-    ));
+            heartbeat.as_millis()
+        ),
+    );
     // Opening the store creates the schema the seeding SQL writes into.
     env.run(&["dead-letter", "list"]).assert_success();
     env
@@ -54,6 +71,28 @@ fn chaos_env(heartbeat: Duration, extra: &str) -> Env {
 /// in one transaction; `headers` go on every one of them.
 fn seed(env: &Env, bodies: &[String], headers: &[(&str, &str)]) {
     let headers = serde_json::to_string(headers).expect("headers as JSON");
+    if let Some(db) = &env.server {
+        let mut script = String::from("BEGIN;\n");
+        for chunk in bodies.chunks(1000) {
+            let rows: Vec<String> = chunk
+                .iter()
+                .map(|body| {
+                    format!(
+                        "('default', 'ledger', 'chaos.in', {}, {}, 0, 0)",
+                        db.body_literal(body),
+                        db.quote(&headers)
+                    )
+                })
+                .collect();
+            script.push_str(&format!(
+                "INSERT INTO wasmq_messages (queue, processor, topic, body, headers, published_at, available_at) VALUES {};\n",
+                rows.join(", ")
+            ));
+        }
+        script.push_str("COMMIT;\n");
+        db.run(&script);
+        return;
+    }
     env.sql(|conn| {
         conn.execute_batch("BEGIN")?;
         let mut insert = conn.prepare(
@@ -75,6 +114,14 @@ fn bodies(prefix: &str, count: usize) -> Vec<String> {
 
 /// The id the store gave the message with this body.
 fn message_id(env: &Env, body: &str) -> String {
+    if let Some(db) = &env.server {
+        let sql = format!(
+            "SELECT id FROM wasmq_messages WHERE {} = {};",
+            db.body_text(),
+            db.quote(body)
+        );
+        return db.run(&sql)[0][0].clone();
+    }
     common::id_string(env.sql(|conn| {
         conn.query_row(
             "SELECT id FROM wasmq_messages WHERE body = ?",
@@ -86,6 +133,11 @@ fn message_id(env: &Env, body: &str) -> String {
 
 /// Messages still waiting in queue `default`, claimed or not.
 fn waiting(env: &Env) -> i64 {
+    if let Some(db) = &env.server {
+        return db.run("SELECT COUNT(*) FROM wasmq_messages WHERE queue = 'default';")[0][0]
+            .parse()
+            .expect("a count");
+    }
     env.sql(|conn| {
         conn.query_row(
             "SELECT COUNT(*) FROM wasmq_messages WHERE queue = 'default'",
@@ -160,9 +212,14 @@ impl<'a> Fleet<'a> {
 
     /// Two consumers side by side, each at `--concurrency CONCURRENCY`.
     fn pair(env: &'a Env) -> Fleet<'a> {
+        Fleet::of(env, 2)
+    }
+
+    /// `n` consumers side by side, each at `--concurrency CONCURRENCY`.
+    fn of(env: &'a Env, n: usize) -> Fleet<'a> {
         let mut fleet = Fleet::new(env);
         let concurrency = CONCURRENCY.to_string();
-        for _ in 0..2 {
+        for _ in 0..n {
             fleet.start(&["--concurrency", &concurrency]);
         }
         fleet
@@ -395,9 +452,16 @@ fn assert_no_dead_letters(env: &Env, fleet: &Fleet<'_>) {
 
 #[test]
 fn killing_a_consumer_every_two_seconds_commits_every_message_once() {
+    for backend in backends() {
+        kill_loop(backend);
+    }
+}
+
+fn kill_loop(backend: Backend) {
+    let _server = sharing_server(backend);
     const MESSAGES: usize = 20_000;
     const KILL_EVERY: Duration = Duration::from_secs(2);
-    let env = chaos_env(HEARTBEAT, "");
+    let env = chaos_env_on(backend, HEARTBEAT, "");
     let expected = bodies("k", MESSAGES);
     // 10 ms each: 20,000 messages over 16 slots take at least 12.5 s, enough for
     // several kills, each finding messages in flight.
@@ -418,10 +482,17 @@ fn killing_a_consumer_every_two_seconds_commits_every_message_once() {
 
     let duplicates: usize = fleet.starts().values().map(|n| n - 1).sum();
     // A kill finds at most CONCURRENCY messages in flight; a live consumer starved
-    // past its lease on this busy machine loses claims, and logs each.
-    let explained = CONCURRENCY * kills + fleet.lost_claims();
+    // past its lease on this busy machine loses claims, and logs each. On a server a
+    // settlement is a round trip to commit: a slot is reused once its settlement is
+    // handed to the settler, so a kill can also catch up to CONCURRENCY settlements
+    // handed over but not yet committed, whose messages run again.
+    let per_kill = match backend {
+        Backend::Sqlite => CONCURRENCY,
+        Backend::Postgres | Backend::Mysql => 2 * CONCURRENCY,
+    };
+    let explained = per_kill * kills + fleet.lost_claims();
     println!(
-        "{MESSAGES} messages drained in {drained_in:?} with {kills} kills; \
+        "{backend:?}: {MESSAGES} messages drained in {drained_in:?} with {kills} kills; \
          {duplicates} duplicate processings (at most {explained} explained)"
     );
     assert_ledger(&env, &fleet, &expected);
@@ -432,28 +503,46 @@ fn killing_a_consumer_every_two_seconds_commits_every_message_once() {
     );
     assert!(
         duplicates <= explained,
-        "{duplicates} duplicate processings, more than the {CONCURRENCY} in flight × {kills} kills and the lost claims explain\n{}",
+        "{backend:?}: {duplicates} duplicate processings, more than the {per_kill} in flight × {kills} kills and the lost claims explain; the first: {:?}\n{}",
+        fleet
+            .starts()
+            .into_iter()
+            .filter(|(_, n)| *n > 1)
+            .take(20)
+            .collect::<Vec<_>>(),
         fleet.logs()
     );
 }
 
 #[test]
 fn two_consumers_side_by_side_never_process_a_message_twice() {
-    const MESSAGES: usize = 5_000;
+    for backend in backends() {
+        side_by_side(backend);
+    }
+}
+
+fn side_by_side(backend: Backend) {
+    let _server = sharing_server(backend);
+    // SQLite: two consumers of one file. A server: the scale-out case, four consumer
+    // processes sharing the database.
+    let (consumers, messages) = match backend {
+        Backend::Sqlite => (2, 5_000),
+        Backend::Postgres | Backend::Mysql => (4, 20_000),
+    };
     // A long lease: with nothing killed, no lease should run out even on a loaded
     // machine, so any second processing is a claim handed out twice.
-    let env = chaos_env(Duration::from_secs(10), "");
-    let expected = bodies("p", MESSAGES);
+    let env = chaos_env_on(backend, Duration::from_secs(10), "");
+    let expected = bodies("p", messages);
     seed(&env, &expected, &[]);
-    let mut fleet = Fleet::pair(&env);
+    let mut fleet = Fleet::of(&env, consumers);
     fleet.finish();
 
     let starts = fleet.starts();
     let processings: usize = starts.values().sum();
     let twice: Vec<_> = starts.iter().filter(|(_, n)| **n > 1).take(10).collect();
     assert!(
-        processings == MESSAGES && twice.is_empty(),
-        "{processings} processings of {MESSAGES} messages; processed more than once: {twice:?}\n{}",
+        processings == messages && twice.is_empty(),
+        "{backend:?}: {processings} processings of {messages} messages by {consumers} consumers; processed more than once: {twice:?}\n{}",
         fleet.logs()
     );
     assert_ledger(&env, &fleet, &expected);
@@ -484,6 +573,10 @@ fn start_frozen_candidate(env: &Env, fleet: &mut Fleet<'_>) -> (usize, String, S
 
 /// Whether another process could take the write lock now.
 fn write_lock_is_free(env: &Env) -> bool {
+    // A server's row locks do not stop the others.
+    if env.server.is_some() {
+        return true;
+    }
     let conn = rusqlite::Connection::open(env.db_path()).expect("opening the store");
     conn.busy_timeout(Duration::from_millis(200)).unwrap();
     conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK").is_ok()
@@ -564,7 +657,14 @@ fn a_consumer_frozen_past_its_lease_resumes_without_spinning() {
 
 #[test]
 fn a_consumer_frozen_while_another_takes_its_message_over_commits_nothing_late() {
-    let env = chaos_env(HEARTBEAT, "");
+    for backend in backends() {
+        frozen_holder(backend);
+    }
+}
+
+fn frozen_holder(backend: Backend) {
+    let _server = sharing_server(backend);
+    let env = chaos_env_on(backend, HEARTBEAT, "");
     let mut fleet = Fleet::new(&env);
     let (a, body, id) = start_frozen_candidate(&env, &mut fleet);
     // B takes the message over once A's lease has run out, and commits it.
@@ -591,15 +691,22 @@ fn a_consumer_frozen_while_another_takes_its_message_over_commits_nothing_late()
         log_a
             .lines()
             .any(|l| l.contains("WARN") && l.contains(&id) && l.contains("claim")),
-        "consumer A's late ACK of {id} should log a WARN naming the message and its lost claim\n{}",
+        "{backend:?}: consumer A's late ACK of {id} should log a WARN naming the message and its lost claim\n{}",
         fleet.logs()
     );
 }
 
 #[test]
 fn a_consumer_whose_clock_runs_an_hour_ahead_duplicates_work_but_no_effect() {
+    for backend in backends() {
+        clock_ahead(backend);
+    }
+}
+
+fn clock_ahead(backend: Backend) {
+    let _server = sharing_server(backend);
     const MESSAGES: usize = 400;
-    let env = chaos_env(HEARTBEAT, "");
+    let env = chaos_env_on(backend, HEARTBEAT, "");
     let expected = bodies("s", MESSAGES);
     seed(&env, &expected, &[("x-sleep-ms", "20")]);
     // Leases are stamped with each consumer's own clock. To B, an hour ahead, every
@@ -616,8 +723,17 @@ fn a_consumer_whose_clock_runs_an_hour_ahead_duplicates_work_but_no_effect() {
     let duplicates: usize = fleet.starts().values().map(|n| n - 1).sum();
     let lost_by_a = fleet.lost_claims_of(Some(a));
     println!(
-        "{MESSAGES} messages with one consumer an hour ahead: {duplicates} processed twice, {lost_by_a} claims A lost"
+        "{backend:?}: {MESSAGES} messages with one consumer an hour ahead: {duplicates} processed twice, {lost_by_a} claims A lost"
     );
+    // A server's leases are on the database's clock: a skewed host changes nothing.
+    if backend != Backend::Sqlite {
+        assert_eq!(
+            (duplicates, lost_by_a),
+            (0, 0),
+            "{backend:?}: a host's clock moved leases\n{}",
+            fleet.logs()
+        );
+    }
     assert!(
         duplicates <= lost_by_a,
         "{duplicates} duplicate processings, but A lost only {lost_by_a} claims to explain them\n{}",
@@ -789,4 +905,65 @@ fn a_body_larger_than_the_receivers_memory_limit_is_refused_at_send() {
     std::fs::write(&file, vec![b'x'; 64 << 10]).expect("writing the body file");
     env.run(&["send", "chaos.big", "--body-file", file.to_str().unwrap()])
         .assert_success();
+}
+
+#[test]
+fn a_database_server_restarted_under_running_consumers_loses_nothing() {
+    for backend in backends() {
+        if backend != Backend::Sqlite {
+            restarted_server(backend);
+        }
+    }
+}
+
+/// Restarts the local server of `backend` and waits until it answers again.
+fn restart_server(backend: Backend) {
+    let sh = |script: &str| {
+        let status = std::process::Command::new("bash")
+            .args(["-c", script])
+            .status()
+            .expect("running bash");
+        assert!(status.success(), "{script} failed: {status}");
+    };
+    match backend {
+        Backend::Postgres => {
+            sh("pg_ctlcluster --skip-systemctl-redirect -m fast $(ls /etc/postgresql) main restart")
+        }
+        // Until the old process has exited, start-stop-daemon would find it running.
+        Backend::Mysql => sh("mysqladmin -h 127.0.0.1 -u root shutdown && \
+             while pgrep -x mariadbd >/dev/null; do sleep 0.1; done && \
+             start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd && \
+             for i in $(seq 1 300); do mysql -h 127.0.0.1 -u root -e 'SELECT 1' >/dev/null 2>&1 && exit 0; sleep 0.1; done; exit 1"),
+        Backend::Sqlite => unreachable!("SQLite has no server"),
+    }
+}
+
+fn restarted_server(backend: Backend) {
+    let _alone = SERVERS.write().unwrap_or_else(|p| p.into_inner());
+    const MESSAGES: usize = 10_000;
+    let env = chaos_env_on(backend, Duration::from_secs(5), "");
+    let expected = bodies("r", MESSAGES);
+    seed(&env, &expected, &[("x-sleep-ms", "10")]);
+    let mut fleet = Fleet::pair(&env);
+    common::wait_until(
+        "a fifth of the messages were processed",
+        Duration::from_secs(60),
+        || fleet.logs(),
+        || ledger(&env).len() >= MESSAGES / 5,
+    );
+    let before = ledger(&env).len();
+    restart_server(backend);
+    // The consumers carry on by themselves: none may exit, and the queue drains.
+    let drained_in = fleet.drain(|_| {});
+    fleet.stop_all();
+    println!(
+        "{backend:?}: restarted with {before} of {MESSAGES} committed; drained {drained_in:?} later; {} lost claims",
+        fleet.lost_claims()
+    );
+    assert!(
+        before < MESSAGES,
+        "{backend:?}: the queue drained before the restart"
+    );
+    assert_ledger(&env, &fleet, &expected);
+    assert_no_dead_letters(&env, &fleet);
 }

@@ -5,7 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Env, scripted_with_sink};
+use common::backend::backends;
+use common::{Backend, Env, scripted_with_sink};
 
 #[test]
 fn a_thousand_messages_are_consumed_and_every_plugin_send_is_stored() {
@@ -66,7 +67,13 @@ fn a_thousand_messages_are_consumed_and_every_plugin_send_is_stored() {
 
 #[test]
 fn higher_priorities_are_delivered_first_then_oldest() {
-    let env = Env::new(&scripted_with_sink(""));
+    for backend in backends() {
+        priorities(backend);
+    }
+}
+
+fn priorities(backend: Backend) {
+    let env = Env::on(backend, &scripted_with_sink(""));
     for (body, priority) in [
         ("low", "low"),
         ("vh", "very-high"),
@@ -82,19 +89,34 @@ fn higher_priorities_are_delivered_first_then_oldest() {
             &["--priority", priority],
         );
     }
-    env.run(&["consume", "--queue", "default", "--message-limit", "6"])
-        .assert_success();
+    // One at a time: with several in flight, commit order is completion order.
+    env.run(&[
+        "consume",
+        "--queue",
+        "default",
+        "--message-limit",
+        "6",
+        "--concurrency",
+        "1",
+    ])
+    .assert_success();
     let order: Vec<String> = env
         .sink()
         .iter()
         .map(|v| v["body"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(order, ["vh", "h", "n1", "n2", "low", "vl"]);
+    assert_eq!(order, ["vh", "h", "n1", "n2", "low", "vl"], "{backend:?}");
 }
 
 #[test]
 fn a_delayed_message_is_not_delivered_early() {
-    let env = Env::new(&scripted_with_sink(""));
+    for backend in backends() {
+        delayed(backend);
+    }
+}
+
+fn delayed(backend: Backend) {
+    let env = Env::on(backend, &scripted_with_sink(""));
     let sent_at = common::now_ms();
     env.send(
         "test.scripted",
@@ -105,21 +127,14 @@ fn a_delayed_message_is_not_delivered_early() {
     env.run(&["consume", "--queue", "default", "--time-limit", "1s"])
         .assert_success();
     assert!(env.sink().is_empty(), "delivered before its delay");
-    let waiting: i64 =
-        env.sql(|conn| conn.query_row("SELECT COUNT(*) FROM wasmq_delayed", [], |r| r.get(0)));
-    assert_eq!(waiting, 1, "it waits in wasmq_delayed");
+    let waiting = env.scalar("SELECT COUNT(*) FROM wasmq_delayed");
+    assert_eq!(waiting, 1, "{backend:?}: it waits in wasmq_delayed");
 
     env.run(&["consume", "--queue", "default", "--message-limit", "1"])
         .assert_success();
     assert_eq!(env.sink().len(), 1);
     // The echo is stored when the delayed message is acknowledged.
-    let echoed_at: i64 = env.sql(|conn| {
-        conn.query_row(
-            "SELECT published_at FROM wasmq_messages WHERE queue = 'sink'",
-            [],
-            |r| r.get(0),
-        )
-    });
+    let echoed_at = env.scalar("SELECT published_at FROM wasmq_messages WHERE queue = 'sink'");
     assert!(
         echoed_at - sent_at >= 2000,
         "processed {} ms after the send",
@@ -129,9 +144,16 @@ fn a_delayed_message_is_not_delivered_early() {
 
 #[test]
 fn requeue_backs_off_then_dead_letters_and_discards_its_sends() {
-    let env = Env::new(&scripted_with_sink(
-        "max_attempts = 3\nretry_backoff = \"300ms\"",
-    ));
+    for backend in backends() {
+        requeue(backend);
+    }
+}
+
+fn requeue(backend: Backend) {
+    let env = Env::on(
+        backend,
+        &scripted_with_sink("max_attempts = 3\nretry_backoff = \"300ms\""),
+    );
     env.send(
         "test.scripted",
         "again",
@@ -177,7 +199,13 @@ fn requeue_backs_off_then_dead_letters_and_discards_its_sends() {
 
 #[test]
 fn dead_letter_replay_delivers_the_message_again() {
-    let env = Env::new(&scripted_with_sink(""));
+    for backend in backends() {
+        replay(backend);
+    }
+}
+
+fn replay(backend: Backend) {
+    let env = Env::on(backend, &scripted_with_sink(""));
     let ids = env.send("test.scripted", "rejected", &[("x-answer", "reject")], &[]);
     env.run(&["consume", "--queue", "default", "--message-limit", "1"])
         .assert_success();
@@ -415,4 +443,49 @@ fn wasmq_send_routes_by_recorded_topics_without_running_plugin_code() {
     let out = broken.run(&["send", "test.scripted", "x"]);
     out.assert_success();
     assert!(out.stderr.contains("wrong-world.wasm"), "{}", out.stderr);
+}
+
+#[test]
+fn a_message_an_application_inserts_is_delivered_only_if_its_transaction_commits() {
+    for backend in backends() {
+        outbox(backend);
+    }
+}
+
+/// The producer contract of README ("Producing from your application"): a plain
+/// INSERT inside the application's own transaction.
+fn outbox(backend: Backend) {
+    let env = Env::on(backend, &scripted_with_sink(""));
+    // Opening the store creates the tables.
+    env.run(&["dead-letter", "list"]).assert_success();
+    let insert = |body: &str| {
+        let body = match &env.server {
+            Some(db) => db.body_literal(body),
+            // A text body, as a careless application would write it, is read as bytes.
+            None => format!("'{body}'"),
+        };
+        format!(
+            "INSERT INTO wasmq_messages (queue, processor, topic, body, headers, priority, published_at, available_at)
+             VALUES ('default', 'scripted', 'test.scripted', {body}, '[[\"x-send\",\"test.out\"]]', 2, 0, 0);"
+        )
+    };
+    let script = format!(
+        "BEGIN; {} ROLLBACK; BEGIN; {} COMMIT;",
+        insert("rolled back"),
+        insert("committed")
+    );
+    match &env.server {
+        Some(db) => {
+            db.run(&script);
+        }
+        None => env.sql(|conn| conn.execute_batch(&script)),
+    }
+    let out = env.run(&["consume", "--queue", "default", "--time-limit", "2s", "-v"]);
+    out.assert_success();
+    let delivered: Vec<String> = env
+        .sink()
+        .iter()
+        .map(|v| v["body"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(delivered, ["committed"], "{backend:?}:\n{}", out.stderr);
 }

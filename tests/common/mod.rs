@@ -4,6 +4,8 @@
 
 #![allow(dead_code, reason = "each suite uses a different part of the harness")]
 
+pub mod backend;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -11,6 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
+
+pub use backend::Backend;
 use rusqlite::types::Value;
 
 /// Debian's libfaketime (package faketime), for a process whose clock is wrong; the
@@ -231,26 +235,45 @@ pub fn id_string(id: Value) -> String {
     }
 }
 
-/// One test's world: a folder with `wasmq.toml` and `var/wasmq.sqlite`.
+/// One test's world: a folder with `wasmq.toml`, and its message store: the file
+/// `var/wasmq.sqlite`, or a database of its own on a server.
 pub struct Env {
     pub dir: tempfile::TempDir,
+    pub server: Option<backend::ServerDb>,
 }
 
 impl Env {
-    /// A config with the shared test plugins folder and the given `[[processor]]` tables.
+    /// A config with the shared test plugins folder and the given `[[processor]]`
+    /// tables, on SQLite.
     pub fn new(processors: &str) -> Env {
-        Env::with_config(&format!(
-            "[transport]\ndsn = \"sqlite://var/wasmq.sqlite\"\n\n[plugins]\ndir = {:?}\ncache_dir = {:?}\n\n{processors}",
+        Env::on(Backend::Sqlite, processors)
+    }
+
+    /// [`Env::new`] on `backend`.
+    pub fn on(backend: Backend, processors: &str) -> Env {
+        let server = (backend != Backend::Sqlite).then(|| backend::ServerDb::create(backend));
+        let dsn = server
+            .as_ref()
+            .map_or_else(|| "sqlite://var/wasmq.sqlite".to_string(), |db| db.dsn());
+        let mut env = Env::with_config(&format!(
+            "[transport]\ndsn = \"{dsn}\"\n\n[plugins]\ndir = {:?}\ncache_dir = {:?}\n\n{processors}",
             plugins_dir(),
             plugins_dir().with_file_name("plugin-cache"),
-        ))
+        ));
+        env.server = server;
+        env
     }
 
     /// A config file with exactly this text.
     pub fn with_config(text: &str) -> Env {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("wasmq.toml"), text).expect("writing wasmq.toml");
-        Env { dir }
+        Env { dir, server: None }
+    }
+
+    /// Runs SQL on a server store (see [`backend::ServerDb::run`]).
+    pub fn server_sql(&self, script: &str) -> Vec<Vec<String>> {
+        self.server.as_ref().expect("a server store").run(script)
     }
 
     pub fn path(&self) -> &Path {
@@ -383,6 +406,14 @@ impl Env {
 
     /// Bodies waiting in a queue, oldest first.
     pub fn queue_bodies(&self, queue: &str) -> Vec<String> {
+        if let Some(db) = &self.server {
+            let sql = format!(
+                "SELECT {} FROM wasmq_messages WHERE queue = {} ORDER BY seq;",
+                db.body_text(),
+                db.quote(queue)
+            );
+            return db.run(&sql).into_iter().map(|row| row.join("\t")).collect();
+        }
         self.sql(|conn| {
             conn.prepare("SELECT body FROM wasmq_messages WHERE queue = ? ORDER BY seq")?
                 .query_map([queue], |r| {
@@ -405,6 +436,15 @@ impl Env {
 
     /// (id, attempts, error) of every dead letter.
     pub fn dead_letters(&self) -> Vec<(String, i64, String)> {
+        if let Some(db) = &self.server {
+            return db
+                .run("SELECT id, attempts, REPLACE(error, CHR(10), ' ') FROM wasmq_dead_letters ORDER BY dead_at, id;"
+                    .replace("CHR(10)", if db.backend == Backend::Mysql { "CHAR(10)" } else { "CHR(10)" })
+                    .as_str())
+                .into_iter()
+                .map(|row| (row[0].clone(), row[1].parse().expect("attempts"), row[2..].join("\t")))
+                .collect();
+        }
         self.sql(|conn| {
             conn.prepare("SELECT id, attempts, error FROM wasmq_dead_letters ORDER BY dead_at, id")?
                 .query_map([], |r| Ok((id_string(r.get(0)?), r.get(1)?, r.get(2)?)))?
@@ -412,8 +452,26 @@ impl Env {
         })
     }
 
+    /// The one integer `sql` selects, on any backend.
+    pub fn scalar(&self, sql: &str) -> i64 {
+        let text = match &self.server {
+            Some(db) => db.run(&format!("{sql};"))[0][0].clone(),
+            None => self
+                .sql(|conn| conn.query_row(sql, [], |r| r.get::<_, i64>(0)))
+                .to_string(),
+        };
+        text.parse()
+            .unwrap_or_else(|e| panic!("{sql} gave {text:?}, not an integer: {e}"))
+    }
+
     /// Messages claimed by a consumer right now.
     pub fn claimed(&self) -> i64 {
+        if let Some(db) = &self.server {
+            return db.run("SELECT COUNT(*) FROM wasmq_messages WHERE claimed_by IS NOT NULL;")[0]
+                [0]
+            .parse()
+            .expect("a count");
+        }
         self.sql(|conn| {
             conn.query_row(
                 "SELECT COUNT(*) FROM wasmq_messages WHERE claimed_by IS NOT NULL",
