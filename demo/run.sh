@@ -26,6 +26,15 @@ cd "$root/demo"
 rm -rf var   # a fresh message store for every demo run
 step() { printf '\n==> %s\n' "$*"; }
 
+# WASMQ_DEMO_DSN=postgres://… or mysql://… runs the demo on that (empty) database
+# instead, through a copy of the config beside the original.
+if [ -n "${WASMQ_DEMO_DSN:-}" ]; then
+    sed "s|^dsn = .*|dsn = \"$WASMQ_DEMO_DSN\"|" wasmq.toml > var.server.toml
+    wasmq_bin="$wasmq"
+    wasmq() { "$wasmq_bin" --config var.server.toml "$@"; }
+    wasmq=wasmq
+fi
+
 step "wasmq check"
 "$wasmq" check
 
