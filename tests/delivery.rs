@@ -480,6 +480,53 @@ fn outbox(backend: Backend) {
         }
         None => env.sql(|conn| conn.execute_batch(&script)),
     }
+    assert_only_committed_is_delivered(&env, backend);
+}
+
+#[test]
+fn the_wasmq_send_routine_routes_inside_the_applications_transaction() {
+    for backend in backends() {
+        if backend != Backend::Sqlite {
+            send_routine(backend);
+        }
+    }
+}
+
+/// README's `wasmq_send` (a PostgreSQL function, a MySQL procedure): it routes by
+/// the routes the consumers recorded, in the caller's transaction.
+fn send_routine(backend: Backend) {
+    let env = Env::on(backend, &scripted_with_sink(""));
+    // A consumer records its routes as it starts.
+    env.run(&["consume", "--queue", "default", "--time-limit", "100ms"])
+        .assert_success();
+    let db = env.server.as_ref().expect("a server");
+    let call = |topic: &str, body: &str| {
+        let verb = match backend {
+            Backend::Postgres => "SELECT",
+            _ => "CALL",
+        };
+        format!(
+            "{verb} wasmq_send('{topic}', {}, '[[\"x-send\",\"test.out\"]]', 2, 0);",
+            db.body_literal(body)
+        )
+    };
+    db.run(&format!(
+        "BEGIN; {} ROLLBACK; BEGIN; {} COMMIT;",
+        call("test.scripted", "rolled back"),
+        call("test.scripted", "committed")
+    ));
+    let unroutable = db
+        .try_run(&call("no.such.topic", "lost"))
+        .expect_err("a topic nothing subscribes to is refused");
+    assert!(
+        unroutable.contains("no processor subscribes"),
+        "{backend:?}: {unroutable}"
+    );
+    assert_only_committed_is_delivered(&env, backend);
+}
+
+/// Consumes for 2 s; the only message delivered was the one sent as "committed".
+fn assert_only_committed_is_delivered(env: &Env, backend: Backend) {
     let out = env.run(&["consume", "--queue", "default", "--time-limit", "2s", "-v"]);
     out.assert_success();
     let delivered: Vec<String> = env

@@ -73,7 +73,21 @@ impl ServerDb {
         self.admin(&self.name, script)
     }
 
+    /// [`ServerDb::run`] for a script that may fail: its rows, or the client's error.
+    pub fn try_run(&self, script: &str) -> Result<Vec<Vec<String>>, String> {
+        self.client(&self.name, script)
+    }
+
     fn admin(&self, database: &str, script: &str) -> Vec<Vec<String>> {
+        self.client(database, script).unwrap_or_else(|error| {
+            panic!(
+                "the SQL client failed on {script:.300}: {error}\nIs the server up? {}",
+                start_command(self.backend)
+            )
+        })
+    }
+
+    fn client(&self, database: &str, script: &str) -> Result<Vec<Vec<String>>, String> {
         let (program, args): (&str, Vec<&str>) = match self.backend {
             Backend::Postgres => (
                 "psql",
@@ -121,17 +135,16 @@ impl ServerDb {
             .write_all(script.as_bytes())
             .expect("writing SQL to the client");
         let out = child.wait_with_output().expect("the SQL client");
-        assert!(
-            out.status.success(),
-            "{program} failed on {:.300}: {}\nIs the server up? {}",
-            script,
-            String::from_utf8_lossy(&out.stderr),
-            start_command(self.backend)
-        );
-        String::from_utf8_lossy(&out.stdout)
+        if !out.status.success() {
+            return Err(format!(
+                "{program}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
             .lines()
             .map(|line| line.split('\t').map(str::to_string).collect())
-            .collect()
+            .collect())
     }
 
     /// A body column as text.

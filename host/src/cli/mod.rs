@@ -109,6 +109,18 @@ impl App {
         if let Err(e) = registry.record_topics(transport.as_ref()).await {
             tracing::warn!(error = %e, "cannot record the plugins' topics; `wasmq send` will load the plugins to ask them");
         }
+        let routes: Vec<(String, String, String)> = registry
+            .router
+            .routes()
+            .flat_map(|(topic, routes)| {
+                routes
+                    .iter()
+                    .map(move |r| (topic.to_string(), r.queue.clone(), r.processor.clone()))
+            })
+            .collect();
+        if let Err(e) = transport.record_routes(&routes).await {
+            tracing::warn!(error = %e, "cannot record the routes; the wasmq_send SQL routine routes by the last ones recorded");
+        }
         Ok(App {
             config,
             _runtime: runtime,

@@ -371,6 +371,16 @@ pub trait Transport: Send + Sync {
         topics: &[String],
     ) -> Result<(), TransportError>;
 
+    /// Records where each topic goes for this config's processors: `(topic, queue,
+    /// processor)`, replacing what was recorded for those processors. What the
+    /// servers' `wasmq_send` routes by; nothing to do where there is none (SQLite).
+    async fn record_routes(
+        &self,
+        _routes: &[(String, String, String)],
+    ) -> Result<(), TransportError> {
+        Ok(())
+    }
+
     /// The topics recorded for this processor and plugin build, if any.
     async fn recorded_topics(
         &self,

@@ -102,6 +102,60 @@ impl Dialect {
         }
     }
 
+    /// `wasmq_send`, the producer contract for applications: it stores one row per
+    /// route of the topic in `wasmq_routes`, in the caller's transaction, and fails
+    /// naming the topic when nothing subscribes to it. On PostgreSQL a function that
+    /// returns the new ids and notifies consumers; on MySQL a procedure.
+    pub fn producer_routines(self) -> &'static [&'static str] {
+        match self {
+            Dialect::Postgres => &[
+                "CREATE FUNCTION wasmq_send(p_topic TEXT, p_body BYTEA, p_headers TEXT DEFAULT '[]',
+                                            p_priority BIGINT DEFAULT 2, p_delay_ms BIGINT DEFAULT 0)
+                 RETURNS SETOF TEXT LANGUAGE plpgsql AS $$
+                 DECLARE
+                     r RECORD;
+                     new_id TEXT;
+                     routed BOOLEAN := false;
+                 BEGIN
+                     FOR r IN SELECT queue, processor FROM wasmq_routes WHERE topic = p_topic ORDER BY processor LOOP
+                         new_id := gen_random_uuid()::text;
+                         IF p_delay_ms > 0 THEN
+                             INSERT INTO wasmq_delayed (id, queue, processor, topic, body, headers, priority, published_at, available_at)
+                             VALUES (new_id, r.queue, r.processor, p_topic, p_body, p_headers, p_priority, {now}, {now} + p_delay_ms);
+                         ELSE
+                             INSERT INTO wasmq_messages (id, queue, processor, topic, body, headers, priority, published_at, available_at)
+                             VALUES (new_id, r.queue, r.processor, p_topic, p_body, p_headers, p_priority, {now}, {now});
+                         END IF;
+                         routed := true;
+                         RETURN NEXT new_id;
+                     END LOOP;
+                     IF NOT routed THEN
+                         RAISE EXCEPTION 'wasmq_send: no processor subscribes to topic %: list it in a processor''s topics and start a consumer, which records its routes in wasmq_routes', p_topic;
+                     END IF;
+                     PERFORM pg_notify('wasmq_messages', '');
+                 END $$",
+            ],
+            Dialect::Mysql => &[
+                "CREATE PROCEDURE wasmq_send(IN p_topic VARCHAR(255), IN p_body LONGBLOB, IN p_headers LONGTEXT,
+                                             IN p_priority BIGINT, IN p_delay_ms BIGINT)
+                 BEGIN
+                     IF (SELECT COUNT(*) FROM wasmq_routes WHERE topic = p_topic) = 0 THEN
+                         SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'wasmq_send: no processor subscribes to this topic: list it in a processor''s topics and start a consumer, which records its routes in wasmq_routes';
+                     END IF;
+                     IF p_delay_ms > 0 THEN
+                         INSERT INTO wasmq_delayed (id, queue, processor, topic, body, headers, priority, published_at, available_at)
+                         SELECT UUID(), queue, processor, p_topic, p_body, p_headers, p_priority, {now}, {now} + p_delay_ms
+                         FROM wasmq_routes WHERE topic = p_topic;
+                     ELSE
+                         INSERT INTO wasmq_messages (id, queue, processor, topic, body, headers, priority, published_at, available_at)
+                         SELECT UUID(), queue, processor, p_topic, p_body, p_headers, p_priority, {now}, {now}
+                         FROM wasmq_routes WHERE topic = p_topic;
+                     END IF;
+                 END",
+            ],
+        }
+    }
+
     /// Takes the lock that serialises migrations across processes, on the
     /// connection that will run them.
     pub fn migration_lock(self, prefix: &str) -> String {

@@ -437,6 +437,35 @@ impl Transport for ServerTransport {
             .map_err(sqlx_error("recording a plugin's topics"))
     }
 
+    async fn record_routes(
+        &self,
+        routes: &[(String, String, String)],
+    ) -> Result<(), TransportError> {
+        let mut tx = self.begin("recording routes").await?;
+        let mut processors: Vec<&str> = routes.iter().map(|(_, _, p)| p.as_str()).collect();
+        processors.sort_unstable();
+        processors.dedup();
+        for processor in processors {
+            sqlx::query(&self.sql("DELETE FROM wasmq_routes WHERE processor = ?"))
+                .bind(processor)
+                .execute(&mut *tx)
+                .await
+                .map_err(sqlx_error("recording routes"))?;
+        }
+        for (topic, queue, processor) in routes {
+            sqlx::query(&self.sql(
+                "INSERT INTO wasmq_routes (topic, processor, queue, recorded_at) VALUES (?, ?, ?, {now})",
+            ))
+            .bind(topic.as_str())
+            .bind(processor.as_str())
+            .bind(queue.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(sqlx_error("recording routes"))?;
+        }
+        tx.commit().await.map_err(sqlx_error("recording routes"))
+    }
+
     async fn recorded_topics(
         &self,
         processor: &str,

@@ -67,6 +67,15 @@ const TABLES: &[&str] = &[
         dead_at      BIGINT    NOT NULL,
         body         {blob}    NOT NULL
     ) {table}",
+    // Where each topic goes, as the consumers' configs and plugins say: what
+    // `wasmq_send` routes by. Each consumer rewrites its processors' rows at start.
+    "CREATE TABLE wasmq_routes (
+        topic       {id}      NOT NULL,
+        processor   {id}      NOT NULL,
+        queue       {id}      NOT NULL,
+        recorded_at BIGINT    NOT NULL,
+        PRIMARY KEY (topic, processor)
+    ) {table}",
     "CREATE TABLE wasmq_declared_topics (
         processor   {id}      NOT NULL,
         plugin_hash {consumer} NOT NULL,
@@ -138,6 +147,11 @@ impl ServerTransport {
             conn.execute(d.sql(&self.prefix, statement).as_str())
                 .await
                 .map_err(sqlx_error("creating the indexes"))?;
+        }
+        for statement in d.producer_routines() {
+            conn.execute(d.sql(&self.prefix, statement).as_str())
+                .await
+                .map_err(sqlx_error("creating wasmq_send"))?;
         }
         conn.execute(d.sql(&self.prefix, "DELETE FROM wasmq_schema").as_str())
             .await
